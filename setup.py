@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Installs the ``dsla`` package (DSLA for detectron2) from ``projects/DSLA/dsla``.
+
+detectron2 itself is not a requirement here: it is not on PyPI under its own name. ``make setup``
+installs it (see README, "Installation"); users with their own detectron2 build run
+``pip install -e .`` in that environment.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dsla-detectron2",
+    version="0.1.0",
+    description="DSLA: Dynamic Smooth Label Assignment for anchor-free detection, in detectron2",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    package_dir={"": "projects/DSLA"},
+    packages=find_packages("projects/DSLA", include=["dsla", "dsla.*"]),
+    install_requires=[
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "numpy",
+        "Pillow",
+        "matplotlib",
+        "scipy",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "omegaconf>=2.1,<2.4",
+        "hydra-core>=1.1",
+        "yacs",
+        "tabulate",
+        "termcolor",
+        "cloudpickle",
+        "tqdm",
+        "packaging",
+        "tensorboard",
+    ],
+    entry_points={
+        "console_scripts": [
+            "dsla-train=dsla.engine:cli",
+        ]
+    },
+)
