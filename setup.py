@@ -34,6 +34,7 @@ setup(
         "tqdm",
         "packaging",
         "tensorboard",
+        "opencv-python-headless",
     ],
     entry_points={
         "console_scripts": [

@@ -1,6 +1,134 @@
+"""Config keys of DSLA (``MODEL.DSLA``) and of the FCOS baseline (``MODEL.FCOS``).
+
+All defaults live here (STYLE.md convention 2); they are the authors' R-50 1x COCO settings of
+DSLA_SPEC §7 unless a comment says otherwise. Nothing is read from ``cfg`` outside ``from_config``.
+"""
 from detectron2.config import CfgNode as CN
+
+# The paper's regress ranges for P3-P7 (DSLA_SPEC §2).
+_COCO_REGRESS_RANGES = [[0, 64], [64, 128], [128, 256], [256, 512], [512, 100000000]]
+IOU_COUPLING_MODES = ("on", "off", "iou_only")
+BOX_LOSS_TYPES = ("iou", "giou")
 
 
 def add_dsla_config(cfg):
-    """Placeholder, filled in by the model issue."""
-    cfg.MODEL.DSLA = CN()
+    """
+    Add the DSLA and FCOS-baseline keys to a detectron2 config (in place).
+
+    Args:
+        cfg (CfgNode): typically ``detectron2.config.get_cfg()``.
+    """
+    _C = cfg
+    _C.MODEL.DSLA = CN()
+    # Number of foreground classes (detectron2 counts no background class).
+    _C.MODEL.DSLA.NUM_CLASSES = 80
+    # Backbone features fed to the head, finest first (strides 8..128, §1).
+    _C.MODEL.DSLA.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convs in each of the two towers (classification, regression).
+    _C.MODEL.DSLA.NUM_CONVS = 4
+    # Norm of the tower convs: "GN" (32 groups, the paper), "" for none, or any detectron2 norm.
+    _C.MODEL.DSLA.NORM = "GN"
+    # Prior foreground probability pi; cls bias = -log((1 - pi) / pi).
+    _C.MODEL.DSLA.PRIOR_PROB = 0.01
+    # Per-level [lo, hi] range of the scale measure m = max(l, t, r, b), one per IN_FEATURE (§2).
+    _C.MODEL.DSLA.REGRESS_RANGES = [list(r) for r in _COCO_REGRESS_RANGES]
+    # Interval relaxation factor f (§3.5); 0 disables relaxation (hard FCOS-style ranges).
+    _C.MODEL.DSLA.INTERVAL_RELAXATION_FACTOR = 0.2
+    # Smooth labels (§3.6): q = centerness * scale score. False gives FCOS-style hard labels
+    # (q* = 1 on every positive point); used by the first rung of the ablation ladder.
+    _C.MODEL.DSLA.SMOOTH_LABEL = True
+    # Centerness core zone (§3.4): points within stride/2 of the box centre get centerness 1.
+    _C.MODEL.DSLA.CORE_ZONE = True
+    # Centre-sampling radius R in strides (§3.2); 0 disables (positives = points inside the box).
+    _C.MODEL.DSLA.CENTER_SAMPLING_RADIUS = 0.0
+    # Dynamic IoU coupling of the cls target (§4): "on" (IoU * q), "off" (q), "iou_only" (IoU).
+    _C.MODEL.DSLA.IOU_COUPLING = "on"
+    # Quality Focal Loss exponent beta (§5).
+    _C.MODEL.DSLA.QFL_BETA = 2.0
+    # Weight of the classification loss (the authors' R-50 1x run used 2.0).
+    _C.MODEL.DSLA.CLS_LOSS_WEIGHT = 1.0
+    # Box loss: "iou" (-log IoU) or "giou" (1 - GIoU), weighted per point by q* (§5).
+    _C.MODEL.DSLA.BOX_LOSS_TYPE = "iou"
+    # Weight of the box loss.
+    _C.MODEL.DSLA.BOX_LOSS_WEIGHT = 1.0
+    # Box distances: False -> exp(scale * x); True -> relu(scale * x) * stride (§1).
+    _C.MODEL.DSLA.NORM_ON_BBOX = False
+    # Make the last conv of each tower a modulated deformable conv (DCNv2, torchvision op).
+    _C.MODEL.DSLA.DCN_ON_LAST_CONV = False
+    # Keep the conv bias in tower convs even when a norm follows (authors' strongest configs).
+    _C.MODEL.DSLA.CONV_BIAS = False
+    # Inference (§6): score threshold, candidates kept per level, class-aware NMS IoU.
+    # Detections per image come from TEST.DETECTIONS_PER_IMAGE (100).
+    _C.MODEL.DSLA.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.DSLA.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.DSLA.NMS_THRESH_TEST = 0.6
+
+    # detectron2's own FCOS (baseline for benchmarks); same backbone and head widths as DSLA.
+    _C.MODEL.FCOS = CN()
+    # Number of foreground classes.
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    # Backbone features fed to the head.
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convs per tower.
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    # Norm of the tower convs.
+    _C.MODEL.FCOS.NORM = "GN"
+    # Prior foreground probability of the cls bias.
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Per-level [lo, hi] ranges of max(l, t, r, b), as for DSLA (detectron2's FCOS hard-codes
+    # 4x and 8x the stride; configurable here so both detectors see the same ranges).
+    _C.MODEL.FCOS.REGRESS_RANGES = [list(r) for r in _COCO_REGRESS_RANGES]
+    # Centre-sampling radius in strides (detectron2's FCOS always samples centres).
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Sigmoid focal loss alpha and gamma.
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Inference: same meaning as the DSLA keys.
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+def validate_dsla_config(cfg, in_feature_strides):
+    """
+    Check ``MODEL.DSLA`` values that would otherwise fail late or silently.
+
+    Args:
+        cfg (CfgNode): a config with ``MODEL.DSLA``.
+        in_feature_strides (dict[str, int]): stride of every backbone output feature.
+
+    Raises:
+        ValueError: naming the offending key and value.
+    """
+    c = cfg.MODEL.DSLA
+    missing = [f for f in c.IN_FEATURES if f not in in_feature_strides]
+    _check(not missing, "MODEL.DSLA.IN_FEATURES", c.IN_FEATURES,
+           f"backbone has no feature(s) {missing}; it outputs {sorted(in_feature_strides)}")
+    _check(c.NUM_CLASSES >= 1, "MODEL.DSLA.NUM_CLASSES", c.NUM_CLASSES, "must be >= 1")
+    ranges = [tuple(float(v) for v in r) for r in c.REGRESS_RANGES]
+    _check(len(ranges) == len(c.IN_FEATURES), "MODEL.DSLA.REGRESS_RANGES", c.REGRESS_RANGES,
+           f"needs one [lo, hi] per IN_FEATURE ({len(c.IN_FEATURES)}), got {len(ranges)}")
+    _check(all(len(r) == 2 and 0 <= r[0] < r[1] for r in ranges), "MODEL.DSLA.REGRESS_RANGES",
+           c.REGRESS_RANGES, "each range must be [lo, hi] with 0 <= lo < hi")
+    _check(all(a[0] < b[0] and a[1] < b[1] for a, b in zip(ranges, ranges[1:])),
+           "MODEL.DSLA.REGRESS_RANGES", c.REGRESS_RANGES, "ranges must increase level by level")
+    _check(0.0 <= c.INTERVAL_RELAXATION_FACTOR < 1.0, "MODEL.DSLA.INTERVAL_RELAXATION_FACTOR",
+           c.INTERVAL_RELAXATION_FACTOR, "must be in [0, 1)")
+    _check(c.CENTER_SAMPLING_RADIUS >= 0, "MODEL.DSLA.CENTER_SAMPLING_RADIUS",
+           c.CENTER_SAMPLING_RADIUS, "must be >= 0 (0 disables centre sampling)")
+    _check(c.IOU_COUPLING in IOU_COUPLING_MODES, "MODEL.DSLA.IOU_COUPLING", c.IOU_COUPLING,
+           f"must be one of {IOU_COUPLING_MODES}")
+    _check(c.BOX_LOSS_TYPE in BOX_LOSS_TYPES, "MODEL.DSLA.BOX_LOSS_TYPE", c.BOX_LOSS_TYPE,
+           f"must be one of {BOX_LOSS_TYPES}")
+    _check(c.NUM_CONVS >= 1, "MODEL.DSLA.NUM_CONVS", c.NUM_CONVS, "must be >= 1")
+    _check(0.0 < c.PRIOR_PROB < 1.0, "MODEL.DSLA.PRIOR_PROB", c.PRIOR_PROB, "must be in (0, 1)")
+    _check(c.QFL_BETA >= 0, "MODEL.DSLA.QFL_BETA", c.QFL_BETA, "must be >= 0")
+    _check(0.0 <= c.NMS_THRESH_TEST <= 1.0, "MODEL.DSLA.NMS_THRESH_TEST", c.NMS_THRESH_TEST,
+           "must be in [0, 1]")
+    _check(c.TOPK_CANDIDATES_TEST >= 1, "MODEL.DSLA.TOPK_CANDIDATES_TEST",
+           c.TOPK_CANDIDATES_TEST, "must be >= 1")
+
+
+def _check(ok, key, value, why):
+    if not ok:
+        raise ValueError(f"Invalid {key} = {value!r}: {why}.")

@@ -1,0 +1,250 @@
+"""COCO-format datasets for DSLA: registration with validation, box sanitising, class counts.
+
+``register_coco_dataset`` is detectron2's ``register_coco_instances`` with the checks a new user
+needs: a wrong json path fails at registration, a broken json or a missing image fails at load time
+with the offending path in the message, and boxes the loss cannot use are clipped or dropped by
+``sanitize_dataset_dicts`` (one warning per load that counts them). The built-in ``shapes``
+datasets (``shapes.py``) load through the same ``load_coco_dataset``.
+"""
+import logging
+import os
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "register_coco_dataset",
+    "load_coco_dataset",
+    "check_image_files",
+    "sanitize_dataset_dicts",
+    "num_classes_of",
+    "check_num_classes",
+]
+
+logger = logging.getLogger(__name__)
+
+# Errors that pycocotools / load_coco_json raise on a file that is not valid COCO json (json
+# syntax errors are ValueErrors; a non-dict top level trips an assert; missing keys, KeyError).
+_INVALID_JSON_ERRORS = (ValueError, KeyError, TypeError, AssertionError, IndexError)
+
+
+def register_coco_dataset(
+    name: str,
+    json_file: str,
+    image_root: str,
+    metadata: Optional[Dict] = None,
+    check_images: bool = True,
+) -> None:
+    """
+    Register a COCO-format detection dataset in detectron2's DatasetCatalog and MetadataCatalog.
+
+    Like ``detectron2.data.datasets.register_coco_instances``, but the dicts it returns are
+    validated (see ``load_coco_dataset``) and sanitised (see ``sanitize_dataset_dicts``).
+    Registration stays cheap: only the json file's existence is checked here; parsing happens the
+    first time the dataset is requested.
+
+    Args:
+        name: dataset name, e.g. "my_dataset_train"; used in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+        json_file: path to the COCO instances json.
+        image_root: directory that the json's ``file_name`` entries are relative to.
+        metadata: extra metadata (e.g. ``thing_colors``); ``thing_classes`` is filled in from the
+            json's categories on load.
+        check_images: verify on load that every image file exists (one stat per image).
+
+    Raises:
+        FileNotFoundError: ``json_file`` does not exist (the message names it).
+    """
+    if not PathManager.isfile(json_file):
+        raise FileNotFoundError(f"Dataset '{name}': annotation file {json_file} does not exist.")
+    DatasetCatalog.register(
+        name, partial(load_coco_dataset, name, json_file, image_root, check_images)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
+    )
+
+
+def load_coco_dataset(
+    name: str, json_file: str, image_root: str, check_images: bool = True
+) -> List[Dict]:
+    """
+    Load a COCO json into detectron2 dataset dicts, validate them and sanitise their boxes.
+
+    Args:
+        name: registered dataset name; its metadata receives ``thing_classes`` and
+            ``thing_dataset_id_to_contiguous_id`` (as in ``load_coco_json``).
+        json_file: path to the COCO instances json.
+        image_root: directory that the json's ``file_name`` entries are relative to.
+        check_images: raise if an image file listed in the json is missing.
+
+    Returns:
+        list[dict]: detectron2 dataset dicts (boxes in ``BoxMode.XYWH_ABS``), sanitised.
+
+    Raises:
+        FileNotFoundError: the json file or (with ``check_images``) an image is missing.
+        ValueError: the json cannot be parsed as COCO; the message names the file.
+    """
+    if not PathManager.isfile(json_file):
+        # Registered fine, deleted since: say which dataset points at it.
+        raise FileNotFoundError(f"Dataset '{name}': annotation file {json_file} does not exist.")
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except _INVALID_JSON_ERRORS as e:
+        # pycocotools' messages do not say which file was being read.
+        raise ValueError(
+            f"Dataset '{name}': {json_file} is not a valid COCO json file "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    if check_images:
+        check_image_files(dicts, json_file)
+    return sanitize_dataset_dicts(dicts, name)
+
+
+def check_image_files(dataset_dicts: Sequence[Dict], source: str = "the dataset") -> None:
+    """
+    Check that the image of every dataset dict exists, so that a missing file fails before
+    training starts instead of inside a data-loader worker hours later.
+
+    Args:
+        dataset_dicts: detectron2 dataset dicts with a ``file_name`` key.
+        source: where the list came from (e.g. the json path), for the message.
+
+    Raises:
+        FileNotFoundError: naming the number of missing images and the first few paths.
+    """
+    missing = [d["file_name"] for d in dataset_dicts if not PathManager.isfile(d["file_name"])]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(dataset_dicts)} images listed in {source} "
+            f"do not exist: {shown}"
+        )
+
+
+def _sanitize_box(
+    bbox: Sequence[float], mode: BoxMode, width: float, height: float
+) -> Tuple[Optional[List[float]], str]:
+    """
+    Clip one box to the image, or reject it.
+
+    Args:
+        bbox: 4 numbers in ``mode`` (XYWH_ABS or XYXY_ABS).
+        mode: the box mode.
+        width, height: image size; ``inf`` when unknown (then nothing is clipped).
+
+    Returns:
+        (new bbox in ``mode`` or None if dropped, one of "ok", "clipped", "degenerate", "outside")
+    """
+    x0, y0, a, b = (float(v) for v in bbox)
+    x1, y1 = (x0 + a, y0 + b) if mode == BoxMode.XYWH_ABS else (a, b)
+    if x1 <= x0 or y1 <= y0:
+        return None, "degenerate"
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return None, "outside"
+    cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)
+    if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+        return list(bbox), "ok"
+    if mode == BoxMode.XYWH_ABS:
+        return [cx0, cy0, cx1 - cx0, cy1 - cy0], "clipped"
+    return [cx0, cy0, cx1, cy1], "clipped"
+
+
+def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> List[Dict]:
+    """
+    Drop boxes the detector cannot learn from and clip the ones that stick out of the image.
+
+    A box with zero or negative width/height, or entirely outside the image, has no point inside
+    it, so point-based assignment would see it as nothing (or crash on it); a box partly outside
+    is clipped to ``[0, width] x [0, height]``. Logs ONE warning for the whole load with the counts.
+    The input is not modified.
+
+    Args:
+        dataset_dicts: detectron2 dataset dicts (``height``/``width`` per image; boxes in
+            ``BoxMode.XYWH_ABS`` or ``BoxMode.XYXY_ABS``).
+        dataset_name: used in the warning.
+
+    Returns:
+        list[dict]: new dicts; unchanged annotations are shared with the input.
+
+    Raises:
+        ValueError: a box is in another mode (e.g. relative or rotated).
+    """
+    counts = {"ok": 0, "clipped": 0, "degenerate": 0, "outside": 0}
+    result = []
+    for record in dataset_dicts:
+        width = record.get("width", float("inf"))
+        height = record.get("height", float("inf"))
+        annotations = []
+        for anno in record.get("annotations", []):
+            mode = BoxMode(anno["bbox_mode"])
+            if mode not in (BoxMode.XYWH_ABS, BoxMode.XYXY_ABS):
+                raise ValueError(f"{dataset_name}: unsupported bbox_mode {mode} in {record}")
+            bbox, status = _sanitize_box(anno["bbox"], mode, width, height)
+            counts[status] += 1
+            if status == "clipped":
+                anno = {**anno, "bbox": bbox}
+            if bbox is not None:
+                annotations.append(anno)
+        result.append({**record, "annotations": annotations})
+    _warn_sanitized(dataset_name, counts)
+    return result
+
+
+def _warn_sanitized(dataset_name: str, counts: Dict[str, int]) -> None:
+    """One warning per load, and none for a clean dataset."""
+    dropped = counts["degenerate"] + counts["outside"]
+    if counts["clipped"] or dropped:
+        logger.warning(
+            f"{dataset_name}: clipped {counts['clipped']} boxes to the image, dropped {dropped} "
+            f"boxes with zero/negative size or outside the image ({counts['degenerate']} "
+            f"zero/negative size, {counts['outside']} outside)."
+        )
+
+
+def num_classes_of(dataset_name: str) -> int:
+    """
+    Number of (foreground) classes of a registered dataset: ``len(thing_classes)``.
+
+    Args:
+        dataset_name: a name registered in DatasetCatalog.
+
+    Returns:
+        int: the class count; loads the dataset once if the metadata does not list the classes
+        yet (a COCO json registered with ``register_coco_dataset`` learns them on load).
+    """
+    if dataset_name not in DatasetCatalog:
+        raise KeyError(f"Dataset '{dataset_name}' is not registered.")
+    meta = MetadataCatalog.get(dataset_name)
+    if not hasattr(meta, "thing_classes"):
+        DatasetCatalog.get(dataset_name)
+    if not hasattr(meta, "thing_classes"):
+        raise ValueError(f"Dataset '{dataset_name}' has no thing_classes in its metadata.")
+    return len(meta.thing_classes)
+
+
+def check_num_classes(cfg_num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
+    """
+    Check the config's class count against every dataset's ``thing_classes``.
+
+    Args:
+        cfg_num_classes: the model's NUM_CLASSES from the config.
+        dataset_names: one name or a list (e.g. ``cfg.DATASETS.TRAIN + cfg.DATASETS.TEST``).
+
+    Raises:
+        ValueError: stating both numbers; detectron2 counts foreground classes only.
+    """
+    if isinstance(dataset_names, str):
+        dataset_names = [dataset_names]
+    for name in dataset_names:
+        n = num_classes_of(name)
+        if n != cfg_num_classes:
+            raise ValueError(
+                f"The config's NUM_CLASSES is {cfg_num_classes}, but dataset '{name}' has {n} "
+                f"classes. detectron2's class count has no background class (it counts foreground "
+                f"classes only), so set NUM_CLASSES to {n}."
+            )
+

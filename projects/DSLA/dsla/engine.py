@@ -1,0 +1,178 @@
+"""Training / evaluation entry point (``projects/DSLA/train_net.py`` and ``dsla-train``).
+
+A thin layer over detectron2's ``DefaultTrainer``: COCO evaluation, whole-model gradient
+clipping (the authors' recipe), CPU multi-process training, and a few user-facing checks.
+"""
+import json
+import logging
+import os
+import sys
+from unittest import mock
+
+import torch
+
+import detectron2.engine.defaults as d2_defaults
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+from .config import add_dsla_config
+from .data import check_num_classes, register_coco_dataset
+
+__all__ = ["Trainer", "argument_parser", "setup", "main", "cli"]
+
+logger = logging.getLogger("dsla")
+
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def _create_ddp_model(model, **kwargs):
+    """detectron2's ``create_ddp_model``, with ``device_ids=None`` for CPU (gloo) training."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+def _with_full_model_clipping(optimizer, max_norm: float, norm_type: float):
+    """Clip the gradient norm of all parameters together before each step (mmdetection's
+    ``grad_clip``), rather than per parameter as detectron2's built-in clipping does."""
+
+    class FullModelGradientClipping(type(optimizer)):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    optimizer.__class__ = FullModelGradientClipping
+    return optimizer
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer + COCOEvaluator, ``CLIP_TYPE: "full_model"`` and CPU DDP."""
+
+    def __init__(self, cfg):
+        # detectron2 pins DDP to a GPU index; on CPU (gloo) DDP needs device_ids=None.
+        with mock.patch.object(d2_defaults, "create_ddp_model", _create_ddp_model):
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+            return super().build_optimizer(cfg, model)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False  # detectron2 only knows "value" / "norm"
+        optimizer = super().build_optimizer(cfg, model)
+        return _with_full_model_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and results:
+            path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2)
+            logger.info(f"Evaluation results written to {path}")
+        return results
+
+
+def argument_parser():
+    """detectron2's default parser plus ``--register-coco NAME JSON_FILE IMAGE_ROOT``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable); use it in "
+        "DATASETS.TRAIN / DATASETS.TEST",
+    )
+    return parser
+
+
+def _num_classes_key(cfg):
+    arch = cfg.MODEL.META_ARCHITECTURE
+    node = {"DSLA": "DSLA", "FCOS": "FCOS"}.get(arch)
+    return (f"MODEL.{node}.NUM_CLASSES", cfg.MODEL[node].NUM_CLASSES) if node else (None, None)
+
+
+def setup(args):
+    """Config from ``args``: defaults, DSLA keys, the yaml file, then ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    add_dsla_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"  # a GPU config runs on a CPU-only machine, just slowly
+    cfg.freeze()
+    default_setup(cfg, args)
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    key, num_classes = _num_classes_key(cfg)
+    if key:
+        try:
+            check_num_classes(num_classes, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        except ValueError as e:
+            raise ValueError(f"{key} = {num_classes}: {e}") from None
+    return cfg
+
+
+def _check_eval_weights(weights):
+    if not weights:
+        raise ValueError("--eval-only needs trained weights: pass MODEL.WEIGHTS /path/to/model.pth")
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
+
+
+def _log_rank_agreement(model):
+    """After distributed training every rank must hold the same weights; say so in the log."""
+    if comm.get_world_size() == 1:
+        return
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    sums = comm.all_gather(checksum)
+    if comm.is_main_process():
+        same = all(s == sums[0] for s in sums)
+        log = logger.info if same else logger.error
+        log(f"Parameter checksums of the {len(sums)} ranks: {sums} ({'equal' if same else 'DIFFER'})")
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        _check_eval_weights(cfg.MODEL.WEIGHTS)
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    _log_rank_agreement(trainer.model)
+    return results
+
+
+def cli(argv=None):
+    """Command-line entry point: parse, then ``launch`` one process per device."""
+    args = argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    try:
+        return launch(main, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if comm.get_world_size() > 1 or os.environ.get("DSLA_TRACEBACK"):
+            raise
+        # A user error (bad config value, missing file): one line, not a traceback.
+        sys.exit(f"error: {e}")

@@ -1,0 +1,86 @@
+"""detectron2's own FCOS, made buildable from yacs configs, as DSLA's baseline.
+
+Only two things change: a ``from_config`` (detectron2 ships FCOS for LazyConfig only), and the
+per-level regress ranges, which detectron2 fixes at 4x/8x the stride, come from
+``MODEL.FCOS.REGRESS_RANGES`` so that FCOS and DSLA see the same ranges on any dataset
+(``_match_anchors``; the rest of the labelling, the losses and inference are detectron2's).
+"""
+from typing import List
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.structures import Boxes
+
+from .assignment import level_point_info, pairwise_smooth_labels
+
+__all__ = ["FCOS"]
+
+
+@META_ARCH_REGISTRY.register()
+class FCOS(_D2FCOS):
+    """detectron2's FCOS (focal loss, GIoU, centerness branch) with configurable ranges."""
+
+    @configurable
+    def __init__(self, *, regress_ranges, **kwargs):
+        """
+        Args:
+            regress_ranges: one (lo, hi) per head input feature.
+            kwargs: arguments of :class:`detectron2.modeling.meta_arch.fcos.FCOS`.
+        """
+        super().__init__(**kwargs)
+        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        if len(self.regress_ranges) != len(self.head_in_features):
+            raise ValueError(
+                f"Invalid MODEL.FCOS.REGRESS_RANGES = {regress_ranges!r}: needs one range per "
+                f"IN_FEATURE ({len(self.head_in_features)})."
+            )
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        c = cfg.MODEL.FCOS
+        shapes = [backbone.output_shape()[f] for f in c.IN_FEATURES]
+        head = FCOSHead(
+            input_shape=shapes, conv_dims=[shapes[0].channels] * c.NUM_CONVS,
+            num_classes=c.NUM_CLASSES, norm=c.NORM, prior_prob=c.PRIOR_PROB,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": c.IN_FEATURES,
+            "regress_ranges": c.REGRESS_RANGES,
+            "num_classes": c.NUM_CLASSES,
+            "center_sampling_radius": c.CENTER_SAMPLING_RADIUS,
+            "focal_loss_alpha": c.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": c.FOCAL_LOSS_GAMMA,
+            "test_score_thresh": c.SCORE_THRESH_TEST,
+            "test_topk_candidates": c.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": c.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @torch.no_grad()
+    def _match_anchors(self, gt_boxes: Boxes, anchors: List[Boxes]):
+        """
+        FCOS's match quality with configurable ranges: a point matches a box when it is inside
+        it (and its centre region), with max(l, t, r, b) in the level's range; among matching
+        boxes the smallest wins. detectron2's ``label_anchors`` turns this into labels.
+
+        Returns:
+            Tensor[M, R]: > 0 for matching pairs, larger for smaller boxes.
+        """
+        points, strides, ranges = level_point_info(
+            [a.get_centers() for a in anchors], self.anchor_generator.strides, self.regress_ranges
+        )
+        # Relaxation and core zone off: q > 0 exactly for FCOS's positive pairs.
+        q = pairwise_smooth_labels(
+            points, strides, ranges, gt_boxes.tensor, relaxation_factor=0.0, core_zone=False,
+            center_sampling_radius=self.center_sampling_radius,
+        )
+        return (q > 0).to(q.dtype) * (1e8 - gt_boxes.area()[:, None])

@@ -1,0 +1,258 @@
+"""The DSLA meta-architecture: smooth label assignment + dynamic IoU coupling + QFL/IoU losses.
+
+Shape letters (as in detectron2's dense detectors): N = images, R = points of all levels,
+C = classes, G = ground-truth boxes of one image, K = positive points of the batch.
+"""
+from typing import List
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransformLinear
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, Instances
+from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+from .assignment import assign_smooth_labels, level_point_info
+from .config import validate_dsla_config
+from .head import DSLAHead
+from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
+
+__all__ = ["DSLA"]
+
+
+@META_ARCH_REGISTRY.register()
+class DSLA(DenseDetector):
+    """
+    DSLA (Su et al., Pattern Recognition 2022): an FCOS-like detector without centerness whose
+    classification target is the smooth label q* coupled with the predicted box's IoU.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        head,
+        head_in_features,
+        num_classes,
+        regress_ranges,
+        smooth_label=True,
+        relaxation_factor=0.2,
+        core_zone=True,
+        center_sampling_radius=0.0,
+        iou_coupling="on",
+        qfl_beta=2.0,
+        cls_loss_weight=1.0,
+        box_loss_type="iou",
+        box_loss_weight=1.0,
+        test_score_thresh=0.05,
+        test_topk_candidates=1000,
+        test_nms_thresh=0.6,
+        max_detections_per_image=100,
+        pixel_mean,
+        pixel_std,
+        input_format="BGR",
+    ):
+        """
+        Args:
+            backbone, head, head_in_features, pixel_mean, pixel_std: as in
+                :class:`DenseDetector`; ``head`` returns (logits, distances in pixels).
+            num_classes: C.
+            regress_ranges: one (lo, hi) per head input feature (§2).
+            smooth_label: False turns q* into 1 on positive points (hard labels, ablation).
+            relaxation_factor, core_zone, center_sampling_radius: assignment switches (§3).
+            iou_coupling: "on" (y = IoU * q*), "off" (y = q*) or "iou_only" (y = IoU) (§4).
+            qfl_beta, cls_loss_weight, box_loss_type, box_loss_weight: losses (§5).
+            test_score_thresh, test_topk_candidates, test_nms_thresh,
+            max_detections_per_image: inference (§6).
+            input_format: channel order of input images, used for visualisation.
+        """
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        self.num_classes = num_classes
+        strides = [backbone.output_shape()[f].stride for f in self.head_in_features]
+        # One point per location at (j*s, i*s), no half-stride offset (§2): a square "anchor"
+        # of size s centred there, which lets detectron2's decoding helpers do the work.
+        self.anchor_generator = DefaultAnchorGenerator(
+            sizes=[[s] for s in strides], aspect_ratios=[1.0], strides=strides, offset=0.0
+        )
+        self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
+        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.smooth_label = smooth_label
+        self.relaxation_factor = relaxation_factor
+        self.core_zone = core_zone
+        self.center_sampling_radius = center_sampling_radius
+        self.iou_coupling = iou_coupling
+        self.qfl_beta = qfl_beta
+        self.cls_loss_weight = cls_loss_weight
+        self.box_loss_type = box_loss_type
+        self.box_loss_weight = box_loss_weight
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        validate_dsla_config(cfg, {k: v.stride for k, v in shapes.items()})
+        c = cfg.MODEL.DSLA
+        return {
+            "backbone": backbone,
+            "head": DSLAHead(cfg, [shapes[f] for f in c.IN_FEATURES]),
+            "head_in_features": c.IN_FEATURES,
+            "num_classes": c.NUM_CLASSES,
+            "regress_ranges": c.REGRESS_RANGES,
+            "smooth_label": c.SMOOTH_LABEL,
+            "relaxation_factor": c.INTERVAL_RELAXATION_FACTOR,
+            "core_zone": c.CORE_ZONE,
+            "center_sampling_radius": c.CENTER_SAMPLING_RADIUS,
+            "iou_coupling": c.IOU_COUPLING,
+            "qfl_beta": c.QFL_BETA,
+            "cls_loss_weight": c.CLS_LOSS_WEIGHT,
+            "box_loss_type": c.BOX_LOSS_TYPE,
+            "box_loss_weight": c.BOX_LOSS_WEIGHT,
+            "test_score_thresh": c.SCORE_THRESH_TEST,
+            "test_topk_candidates": c.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": c.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        pred_logits, pred_dists = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        labels, scores, matched_boxes = self.label_points(anchors, gt_instances)
+        return self.losses(anchors, pred_logits, pred_dists, labels, scores, matched_boxes)
+
+    @torch.no_grad()
+    def label_points(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        """
+        Smooth label assignment (§3) of every point of every image.
+
+        Args:
+            anchors: per level, Boxes ``[Ri, 4]`` whose centres are the points.
+            gt_instances: N Instances with ``gt_boxes`` and ``gt_classes``.
+
+        Returns:
+            labels ``[N, R]`` long (C = background), scores ``[N, R]`` (q*),
+            matched_boxes ``[N, R, 4]`` (xyxy of g*).
+        """
+        points, strides, ranges = level_point_info(
+            [a.get_centers() for a in anchors], self.anchor_generator.strides, self.regress_ranges
+        )
+        per_image = [
+            assign_smooth_labels(
+                points, strides, ranges, inst.gt_boxes.tensor, inst.gt_classes, self.num_classes,
+                relaxation_factor=self.relaxation_factor, core_zone=self.core_zone,
+                center_sampling_radius=self.center_sampling_radius,
+            )
+            for inst in gt_instances
+        ]
+        labels, scores, matched_boxes = (torch.stack(x) for x in zip(*per_image))
+        if not self.smooth_label:
+            scores = (labels != self.num_classes).to(scores.dtype)
+        return labels, scores, matched_boxes
+
+    @torch.no_grad()
+    def classification_targets(self, pred_boxes, gt_boxes, smooth_labels):
+        """
+        Dynamic IoU coupling (§4): the cls target of each positive point.
+
+        Args:
+            pred_boxes, gt_boxes: ``[K, 4]`` xyxy predicted boxes and their g*.
+            smooth_labels: ``[K]`` q*.
+
+        Returns:
+            ``[K]`` targets y (IoU * q*, q* or IoU), and ``[K]`` IoU (gradient stopped).
+        """
+        iou = matched_pairwise_iou(Boxes(pred_boxes.detach().float()), Boxes(gt_boxes.float()))
+        iou = iou.clamp(min=0.0, max=1.0)
+        if self.iou_coupling == "on":
+            return iou * smooth_labels, iou
+        if self.iou_coupling == "off":
+            return smooth_labels.clone(), iou
+        return iou, iou
+
+    def losses(self, anchors, pred_logits, pred_dists, labels, scores, matched_boxes):
+        """
+        Args:
+            anchors: per level, Boxes ``[Ri, 4]``.
+            pred_logits: per level ``[N, Ri, C]``; pred_dists: per level ``[N, Ri, 4]``.
+            labels, scores, matched_boxes: outputs of :meth:`label_points`.
+
+        Returns:
+            dict with ``loss_dsla_cls`` and ``loss_dsla_box`` (scalars).
+        """
+        num_images = labels.shape[0]
+        pos = labels != self.num_classes  # [N, R]; q* > 0 exactly there
+        points = Boxes.cat(anchors).tensor.unsqueeze(0).expand(num_images, -1, -1)
+        pred_boxes = self.box2box_transform.apply_deltas(cat(pred_dists, dim=1)[pos], points[pos])
+        gt_boxes, smooth_labels = matched_boxes[pos], scores[pos]
+        cls_y, iou = self.classification_targets(pred_boxes, gt_boxes, smooth_labels)
+        cls_targets = torch.zeros_like(scores)
+        cls_targets[pos] = cls_y
+
+        # Normalisers: sums of soft labels averaged over workers, on every rank (§5).
+        cls_norm = all_reduce_mean(cls_y.sum().float()).clamp(min=1.0)
+        box_norm = all_reduce_mean(smooth_labels.sum().float()).clamp(min=1.0)
+        logits = cat(pred_logits, dim=1)
+        loss_cls = quality_focal_loss(
+            logits.reshape(-1, self.num_classes), labels.flatten(), cls_targets.flatten(),
+            beta=self.qfl_beta,
+        )
+        # With no positive the sum is an empty (zero) sum that is still connected to the graph.
+        loss_box = box_iou_loss(pred_boxes, gt_boxes, smooth_labels, self.box_loss_type)
+
+        storage = get_event_storage()
+        storage.put_scalar("dsla/num_pos_per_image", pos.sum().item() / num_images)
+        if iou.numel() > 0:
+            storage.put_scalar("dsla/pos_iou_mean", iou.mean().item())
+        return {
+            "loss_dsla_cls": self.cls_loss_weight * loss_cls / cls_norm,
+            "loss_dsla_box": self.box_loss_weight * loss_box / box_norm,
+        }
+
+    def forward_inference(self, images, features, predictions):
+        pred_logits, pred_dists = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        results: List[Instances] = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            # sigmoid(logits) is the final score: no centerness product (§6).
+            scores = [x[img_idx].sigmoid() for x in pred_logits]
+            dists = [x[img_idx] for x in pred_dists]
+            results.append(self.inference_single_image(anchors, scores, dists, image_size))
+        return results
+
+    def inference_single_image(self, anchors, scores, dists, image_size):
+        """
+        Args:
+            anchors: per level Boxes ``[Ri, 4]``; scores: per level ``[Ri, C]`` probabilities;
+            dists: per level ``[Ri, 4]`` distances in pixels; image_size: (h, w).
+
+        Returns:
+            Instances with ``pred_boxes``, ``scores``, ``pred_classes`` (at most
+            ``max_detections_per_image``), in the coordinates of the (resized) input image.
+        """
+        pred = self._decode_multi_level_predictions(
+            anchors, scores, dists, self.test_score_thresh, self.test_topk_candidates, image_size
+        )
+        pred.pred_boxes.clip(image_size)
+        keep = batched_nms(
+            pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+        )
+        return pred[keep[: self.max_detections_per_image]]

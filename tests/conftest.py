@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny DSLA configs and batches that run in seconds on a CPU."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
+
+
+def tiny_cfg(*opts, config_file=CPU_CONFIG):
+    """The CPU shapes config on the CPU, plus ``KEY VALUE`` opts."""
+    from detectron2.config import get_cfg
+
+    from dsla import add_dsla_config
+
+    cfg = get_cfg()
+    add_dsla_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def make_inputs(boxes_per_image, classes_per_image=None, size=128, seed=0):
+    """
+    A batch in detectron2's input format: one dict per image with a random image and
+    ``instances`` holding the given xyxy boxes (a list of lists per image).
+    """
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i, boxes in enumerate(boxes_per_image):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        classes = classes_per_image[i] if classes_per_image else [0] * len(boxes)
+        inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+        image = torch.rand(3, size, size, generator=g) * 255
+        batch.append({"image": image, "instances": inst, "height": size, "width": size})
+    return batch
+
+
+@pytest.fixture
+def storage():
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage() as s:
+        yield s
+
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))

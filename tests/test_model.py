@@ -1,0 +1,228 @@
+"""The DSLA meta-architecture: losses with empty / one-box ground truth, every option, training
+on a fixed batch, inference, crowded and positive-less images, config validation."""
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from conftest import make_inputs, tiny_cfg
+from dsla.meta_arch import DSLA
+
+ONE_BOX = [[[20.0, 24.0, 90.0, 100.0]]]
+
+
+def _model(*opts):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*opts))
+    model.train()
+    return model
+
+
+def test_empty_ground_truth_cls_positive_box_zero(storage):
+    model = _model()
+    losses = model(make_inputs([[]]))
+    assert losses["loss_dsla_cls"].item() > 0
+    assert losses["loss_dsla_box"].item() == 0
+    # The zero box loss is still part of the graph (DDP needs every rank to backpropagate).
+    assert losses["loss_dsla_box"].requires_grad
+    sum(losses.values()).backward()
+
+
+def test_one_box_both_losses_positive(storage):
+    losses = _model()(make_inputs(ONE_BOX, [[2]]))
+    assert losses["loss_dsla_cls"].item() > 0
+    assert losses["loss_dsla_box"].item() > 0
+
+
+OPTIONS = [
+    (),
+    ("MODEL.DSLA.IOU_COUPLING", "off"),
+    ("MODEL.DSLA.IOU_COUPLING", "iou_only"),
+    ("MODEL.DSLA.BOX_LOSS_TYPE", "giou"),
+    ("MODEL.DSLA.NORM_ON_BBOX", True),
+    ("MODEL.DSLA.DCN_ON_LAST_CONV", True),
+    ("MODEL.DSLA.CONV_BIAS", True),
+    ("MODEL.DSLA.CENTER_SAMPLING_RADIUS", 1.5),
+    ("MODEL.DSLA.INTERVAL_RELAXATION_FACTOR", 0.0),
+    ("MODEL.DSLA.CORE_ZONE", False),
+    ("MODEL.DSLA.SMOOTH_LABEL", False),
+    ("MODEL.DSLA.CLS_LOSS_WEIGHT", 2.0, "MODEL.DSLA.QFL_BETA", 1.0),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(map(str, o)) or "default")
+def test_every_option_trains(storage, opts):
+    model = _model(*opts)
+    batch = make_inputs(ONE_BOX + [[[5.0, 5.0, 40.0, 30.0], [60.0, 50.0, 120.0, 126.0]]],
+                        [[0], [1, 2]])
+    losses = model(batch)
+    assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values()), losses
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cls_loss_weight_scales_loss(storage):
+    batch = make_inputs(ONE_BOX)
+    base = _model()(batch)["loss_dsla_cls"].item()
+    doubled = _model("MODEL.DSLA.CLS_LOSS_WEIGHT", 2.0)(batch)["loss_dsla_cls"].item()
+    assert doubled == pytest.approx(2 * base, rel=1e-5)
+
+
+def test_iou_coupling_targets_hand_computed():
+    model = _model()
+    pred = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10]])
+    gt = torch.tensor([[0.0, 0, 10, 20], [0.0, 0, 10, 10]])
+    q = torch.tensor([0.6, 0.5])
+    # IoUs 0.5 and 1.0.
+    for mode, expected in [("on", [0.3, 0.5]), ("off", [0.6, 0.5]), ("iou_only", [0.5, 1.0])]:
+        model.iou_coupling = mode
+        y, iou = model.classification_targets(pred, gt, q)
+        assert y.tolist() == pytest.approx(expected)
+        assert iou.tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_iou_target_is_detached(storage):
+    model = _model()
+    pred = torch.tensor([[0.0, 0, 10, 10]], requires_grad=True)
+    y, _ = model.classification_targets(pred, torch.tensor([[0.0, 0, 10, 20]]), torch.ones(1))
+    assert not y.requires_grad
+
+
+def test_loss_normalisers(storage, monkeypatch):
+    # The cls loss is divided by max(sum y, 1), the box loss by max(sum q*, 1) (§5).
+    model = _model()
+    seen = []
+    import dsla.meta_arch as meta_arch
+
+    def record(value):
+        seen.append(value.item())
+        return value
+
+    monkeypatch.setattr(meta_arch, "all_reduce_mean", record)
+    batch = make_inputs([[[0.0, 0.0, 127.0, 127.0], [8.0, 8.0, 60.0, 70.0]]])
+    model(batch)
+    images = model.preprocess_image(batch)
+    features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
+    anchors = model.anchor_generator(features)
+    labels, scores, _ = model.label_points(anchors, [b["instances"] for b in batch])
+    assert seen[1] == pytest.approx(scores.sum().item(), rel=1e-5)  # box normaliser = sum q*
+    assert 0 < seen[0] < seen[1]  # cls normaliser = sum IoU * q* < sum q*
+
+
+def test_trains_on_fixed_batch(storage):
+    torch.manual_seed(0)
+    model = _model()
+    batch = make_inputs([[[10.0, 12.0, 70.0, 80.0], [64.0, 40.0, 120.0, 120.0]],
+                         [[30.0, 30.0, 100.0, 60.0]]], [[0, 1], [2]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    totals = []
+    for _ in range(12):
+        loss = sum(model(batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(loss.item())
+    assert all(map(lambda v: v == v and abs(v) < 1e6, totals))
+    assert sum(totals[-3:]) / 3 < 0.7 * sum(totals[:3]) / 3, totals
+
+
+def test_inference_returns_instances():
+    model = _model()
+    model.eval()
+    batch = make_inputs(ONE_BOX + ONE_BOX)
+    batch[1]["height"], batch[1]["width"] = 256, 200  # rescaled to the requested size
+    with torch.no_grad():
+        out = model(batch)
+    assert len(out) == 2
+    for res, (h, w) in zip(out, [(128, 128), (256, 200)]):
+        inst = res["instances"]
+        assert isinstance(inst, Instances) and inst.image_size == (h, w)
+        assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
+        assert len(inst) <= 100
+        # Untrained: prior prob 0.01 < threshold 0.05, so nothing (or little) is kept.
+        if len(inst):
+            assert (inst.scores > 0.05).all()
+
+
+def test_inference_threshold_topk_nms_and_clip():
+    model = _model("MODEL.DSLA.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 37,
+                   "MODEL.DSLA.NMS_THRESH_TEST", 1.0)
+    model.eval()
+    # Every score 0.5 and every distance e^6 = 403 px: all boxes clip to the whole image.
+    with torch.no_grad():
+        model.head.cls_score.weight.zero_()
+        model.head.cls_score.bias.zero_()
+        model.head.bbox_pred.bias.fill_(6.0)
+        batch = make_inputs([[]])
+        no_nms = model(batch)[0]["instances"]
+        model.test_nms_thresh = 0.6
+        nms = model(batch)[0]["instances"]
+    # NMS at IoU 1.0 removes nothing: the per-image cap applies.
+    assert len(no_nms) == 37
+    assert no_nms.pred_boxes.tensor.tolist() == [[0.0, 0.0, 128.0, 128.0]] * 37
+    # Class-aware NMS: identical boxes collapse to one per class.
+    assert sorted(nms.pred_classes.tolist()) == list(range(6))
+
+
+def test_empty_batch_zero_positive_and_crowded_images(storage):
+    model = _model()
+    # A 1-px box between points has no point strictly inside: an image with 0 positives.
+    tiny = [[[3.0, 3.0, 4.0, 4.0]]]
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(1000, 2, generator=g) * 100
+    wh = torch.rand(1000, 2, generator=g) * 27 + 1
+    crowded = [torch.cat([xy, xy + wh], dim=1).tolist()]
+    batch = make_inputs([[]] + tiny + crowded, [[], [0], [i % 6 for i in range(1000)]])
+    labels = model.label_points(
+        model.anchor_generator([torch.zeros(1, 1, 128 // s, 128 // s) for s in (8, 16, 32, 64, 128)]),
+        [b["instances"] for b in batch],
+    )[0]
+    assert (labels[0] == 6).all() and (labels[1] == 6).all() and (labels[2] != 6).any()
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("MODEL.DSLA.REGRESS_RANGES", [[0, 64], [64, 128]], "one .* per IN_FEATURE"),
+        ("MODEL.DSLA.REGRESS_RANGES", [[0, 64], [32, 16], [128, 256], [256, 512], [512, 1e8]],
+         "REGRESS_RANGES"),
+        ("MODEL.DSLA.REGRESS_RANGES", [[0, 64], [128, 256], [64, 128], [256, 512], [512, 1e8]],
+         "increase"),
+        ("MODEL.DSLA.INTERVAL_RELAXATION_FACTOR", 1.0, r"\[0, 1\)"),
+        ("MODEL.DSLA.INTERVAL_RELAXATION_FACTOR", -0.1, r"\[0, 1\)"),
+        ("MODEL.DSLA.IOU_COUPLING", "maybe", "IOU_COUPLING"),
+        ("MODEL.DSLA.BOX_LOSS_TYPE", "l1", "BOX_LOSS_TYPE"),
+        ("MODEL.DSLA.IN_FEATURES", ["p3", "p4", "p9", "p6", "p7"], "p9"),
+        ("MODEL.DSLA.CENTER_SAMPLING_RADIUS", -1.0, "CENTER_SAMPLING_RADIUS"),
+        ("MODEL.DSLA.NUM_CLASSES", 0, "NUM_CLASSES"),
+    ],
+)
+def test_bad_config_values_name_the_key(key, value, match):
+    cfg = tiny_cfg()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=match) as err:
+        build_model(cfg)
+    assert key in str(err.value)
+
+
+def test_model_is_registered_dsla():
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    assert META_ARCH_REGISTRY.get("DSLA") is DSLA
+    assert isinstance(_model(), DSLA)
+    # The head has no centerness branch (§1).
+    assert not any("ctr" in n or "centerness" in n for n, _ in _model().named_parameters())
+
+
+def test_points_have_no_half_stride_offset():
+    model = _model()
+    anchors = model.anchor_generator([torch.zeros(1, 1, 2, 3)])
+    centres = anchors[0].get_centers()
+    assert isinstance(anchors[0], Boxes)
+    assert centres.tolist() == [[0, 0], [8, 0], [16, 0], [0, 8], [8, 8], [16, 8]]
