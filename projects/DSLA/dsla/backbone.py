@@ -32,7 +32,7 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
                              ModulatedDeformConv=ModulatedDeformConv2d):
         bottom_up = build_resnet_backbone(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
@@ -40,3 +40,7 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    # Pad inputs to a multiple of P7's stride (DSLA_SPEC §8) so every level's grid is exactly
+    # the padded size / stride; detectron2's FPN would pad to the last *input* stride (32).
+    fpn._size_divisibility = fpn._out_feature_strides[fpn._out_features[-1]]
+    return fpn

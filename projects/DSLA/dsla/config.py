@@ -63,6 +63,9 @@ def add_dsla_config(cfg):
     _C.MODEL.DSLA.TOPK_CANDIDATES_TEST = 1000
     _C.MODEL.DSLA.NMS_THRESH_TEST = 0.6
 
+    # Optimizer: "SGD" (detectron2's, the paper's recipes) or "ADAMW" (faster from scratch on CPU).
+    _C.SOLVER.OPTIMIZER = "SGD"
+
     # detectron2's own FCOS (baseline for benchmarks); same backbone and head widths as DSLA.
     _C.MODEL.FCOS = CN()
     # Number of foreground classes.

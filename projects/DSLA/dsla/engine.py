@@ -16,7 +16,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .config import add_dsla_config
 from .data import check_num_classes, register_coco_dataset
@@ -51,7 +54,7 @@ def _with_full_model_clipping(optimizer, max_norm: float, norm_type: float):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer + COCOEvaluator, ``CLIP_TYPE: "full_model"`` and CPU DDP."""
+    """DefaultTrainer + COCOEvaluator, SGD/AdamW, ``CLIP_TYPE: "full_model"`` and CPU DDP."""
 
     def __init__(self, cfg):
         # detectron2 pins DDP to a GPU index; on CPU (gloo) DDP needs device_ids=None.
@@ -66,14 +69,34 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
+        """
+        detectron2's SGD (``SOLVER.OPTIMIZER: "SGD"``) or AdamW (``"ADAMW"``, used for the
+        from-scratch CPU configs), both with detectron2's per-parameter lr / weight decay rules;
+        ``CLIP_TYPE: "full_model"`` clips the norm of all gradients together.
+        """
         clip = cfg.SOLVER.CLIP_GRADIENTS
-        if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
-            return super().build_optimizer(cfg, model)
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False  # detectron2 only knows "value" / "norm"
-        optimizer = super().build_optimizer(cfg, model)
-        return _with_full_model_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+        full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+        if full_model:
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False  # detectron2 only knows "value" / "norm"
+        name = cfg.SOLVER.OPTIMIZER.upper()
+        if name == "SGD":
+            optimizer = super().build_optimizer(cfg, model)
+        elif name == "ADAMW":
+            params = get_default_optimizer_params(
+                model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            )
+            optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+                params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+            )
+        else:
+            raise ValueError(f"Invalid SOLVER.OPTIMIZER = {cfg.SOLVER.OPTIMIZER!r}: use SGD or ADAMW.")
+        if full_model:
+            optimizer = _with_full_model_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+        return optimizer
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -115,6 +138,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"  # a GPU config runs on a CPU-only machine, just slowly
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2 sets up its own loggers only; ours (and dsla.data's warnings) go to the same log.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dsla", abbrev_name="dsla")
     for name, json_file, image_root in args.register_coco:
         register_coco_dataset(name, json_file, image_root)
     key, num_classes = _num_classes_key(cfg)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""
+Convert the authors' DSLA checkpoint (mmdetection 2.x) into a detectron2 checkpoint.
+
+    python projects/DSLA/tools/convert_mmdet_weights.py INPUT.pth OUTPUT.pth \\
+        [--config-file configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml] [KEY VALUE ...]
+    python projects/DSLA/train_net.py --eval-only \\
+        --config-file configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml MODEL.WEIGHTS OUTPUT.pth
+
+The model of --config-file (built on the CPU) fixes the expected keys and shapes: conversion
+stops with the list of unused checkpoint keys, missing model keys and shape mismatches unless
+the checkpoint fits it exactly. Use the same config (and overrides) for evaluation.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from detectron2.config import get_cfg
+
+from dsla import add_dsla_config
+from dsla.convert import (
+    ConversionError,
+    convert_mmdet_state_dict,
+    config_hints,
+    extract_state_dict,
+    model_shapes_from_config,
+    read_checkpoint_file,
+    to_detectron2_checkpoint,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-Detection", "dsla_R_50_FPN_1x_mmdet.yaml")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", metavar="INPUT", help="mmdetection checkpoint (.pth)")
+    parser.add_argument("output", metavar="OUTPUT", help="detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
+                        help="DSLA config whose model the weights must fit (default: %(default)s)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read INPUT with full unpickling (trusted files only)")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="KEY VALUE config overrides, e.g. MODEL.DSLA.NUM_CLASSES 20")
+    return parser.parse_args(argv)
+
+
+def load_config(config_file, opts):
+    cfg = get_cfg()
+    add_dsla_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts) + ["MODEL.DEVICE", "cpu"])
+    return cfg
+
+
+def main(argv=None):
+    """Convert INPUT to OUTPUT; returns the process exit status (1 when the weights do not fit)."""
+    args = parse_args(argv)
+    try:
+        checkpoint = read_checkpoint_file(args.input, allow_pickle=args.allow_pickle)
+        mmdet_state = extract_state_dict(checkpoint)
+        expected = model_shapes_from_config(load_config(args.config_file, args.opts))
+        state = convert_mmdet_state_dict(mmdet_state, expected)
+    except ConversionError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    torch.save(to_detectron2_checkpoint(state), args.output)
+    # Strict conversion used every key, so the difference is the dropped BN counters.
+    dropped = len(mmdet_state) - len(state)
+    print(f"Converted {len(state)} tensors ({dropped} BN num_batches_tracked entries dropped) "
+          f"from {args.input} to {args.output}.")
+    hints = config_hints(checkpoint)
+    if hints:
+        # Style and normalisation leave no trace in the weights: compare them with the config.
+        print("The checkpoint's training config says (check that --config-file agrees: "
+              "style caffe = STRIDE_IN_1X1 True, img_norm_cfg = PIXEL_MEAN/STD and INPUT.FORMAT):")
+        print("".join(f"    {line}\n" for line in hints), end="")
+    print(f"Evaluate with: python projects/DSLA/train_net.py --eval-only --config-file "
+          f"{args.config_file} MODEL.WEIGHTS {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
