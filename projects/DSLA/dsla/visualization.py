@@ -71,7 +71,8 @@ def predict_images(cfg, image_paths: List[str], dataset_name: Optional[str] = No
     metadata = MetadataCatalog.get(dataset_name) if dataset_name else None
     drawings = []
     for path in image_paths:
-        instances = predictor(read_image(path, format=cfg.INPUT.FORMAT))["instances"]
+        # DefaultPredictor takes BGR and converts to INPUT.FORMAT itself.
+        instances = predictor(read_image(path, format="BGR"))["instances"]
         rgb = read_image(path, format="RGB")
         drawings.append(draw_instances(rgb, instances, metadata, score_threshold))
     return drawings

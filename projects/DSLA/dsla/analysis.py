@@ -1,0 +1,292 @@
+"""Score-localisation consistency: match detections to ground truth, correlate score with IoU.
+
+DSLA's claim (DSLA_SPEC §4, dynamic IoU coupling) is that coupling the classification target with
+the IoU makes the score rank boxes by localisation quality, so that NMS keeps the best-localised
+box. This module measures that on a dataset, with pure functions that
+``tools/analyze_consistency.py`` and the benchmarks share, and one detectron2 ``DatasetEvaluator``
+that collects the pairs during ``inference_on_dataset``. It also holds the small command-line
+plumbing (config loading, one-line errors) shared by ``demo.py`` and ``tools/*.py``.
+
+Matching rule (``match_detections``): every detection is compared with the ground-truth boxes of
+its own class (crowd boxes excluded) and takes the highest IoU among them; a detection with no
+same-class box, or overlapping none, gets IoU 0. All detections are kept: a confident detection
+with IoU 0 is exactly the inconsistency being measured. ``correlations_by_rule`` also reports
+the subset with IoU > 0 (detections that localise *some* object).
+
+Shape letters: D = detections of one image, G = ground-truth boxes of one image,
+N = detections of the whole dataset.
+"""
+import contextlib
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import yaml
+from scipy.stats import rankdata
+
+from detectron2.config import get_cfg
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
+from detectron2.utils import comm
+
+from .config import add_dsla_config
+
+__all__ = [
+    "MATCHING_RULE",
+    "ScoreIoUEvaluator",
+    "correlations",
+    "correlations_by_rule",
+    "exit_on_user_error",
+    "ground_truth_of",
+    "load_config",
+    "match_detections",
+    "pearson",
+    "spearman",
+]
+
+MATCHING_RULE = (
+    "each detection takes the highest IoU with a ground-truth box of its own class (crowd boxes "
+    "excluded); 0 if there is none; all detections above the model's score threshold are kept"
+)
+
+# Errors that mean "the user passed something wrong" (missing file, bad key or value), turned into
+# one-line messages by the tools. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, KeyError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching and correlations (pure functions).
+# ----------------------------------------------------------------------------------------------
+
+
+def match_detections(
+    pred_boxes: torch.Tensor,
+    pred_classes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_classes: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Match each detection to the same-class ground-truth box it overlaps most.
+
+    Args:
+        pred_boxes (Tensor[D, 4]): detections, xyxy.
+        pred_classes (Tensor[D]): long class of each detection.
+        gt_boxes (Tensor[G, 4]): ground-truth boxes, xyxy, same coordinates as ``pred_boxes``.
+        gt_classes (Tensor[G]): long class of each box.
+
+    Returns:
+        ious (Tensor[D] float): IoU with the matched box, 0 where there is none.
+        matched (Tensor[D] long): index into the G boxes, -1 where IoU is 0.
+            Among equal IoUs the lower index wins.
+    """
+    num_dets = pred_boxes.shape[0]
+    if num_dets == 0 or gt_boxes.shape[0] == 0:
+        return pred_boxes.new_zeros(num_dets), torch.full((num_dets,), -1, dtype=torch.long)
+    iou = pairwise_iou(Boxes(pred_boxes.float()), Boxes(gt_boxes.float()))  # [D, G]
+    same_class = pred_classes[:, None] == gt_classes[None, :]
+    iou = torch.where(same_class, iou, torch.zeros_like(iou))
+    best_iou, best_idx = iou.max(dim=1)
+    matched = torch.where(best_iou > 0, best_idx, torch.full_like(best_idx, -1))
+    return best_iou, matched
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """
+    Pearson correlation of two equally long samples.
+
+    Args:
+        x, y: array-likes of shape [N].
+
+    Returns:
+        float in [-1, 1]; NaN when N < 2 or either sample is constant (undefined).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    assert x.shape == y.shape and x.ndim == 1, (x.shape, y.shape)
+    if len(x) < 2:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    if denom == 0.0:
+        return math.nan
+    # Clip the round-off of perfectly (anti-)correlated samples back into [-1, 1].
+    return float(np.clip(float(dx @ dy) / denom, -1.0, 1.0))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """
+    Spearman rank correlation: the Pearson correlation of the ranks, ties getting their average
+    rank (the same value as ``scipy.stats.spearmanr``).
+
+    Args:
+        x, y: array-likes of shape [N].
+
+    Returns:
+        float in [-1, 1]; NaN when undefined (N < 2 or a constant sample).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2:
+        return math.nan
+    return pearson(rankdata(x), rankdata(y))
+
+
+def correlations(scores: Sequence[float], ious: Sequence[float]) -> Dict[str, Optional[float]]:
+    """
+    Args:
+        scores, ious: array-likes of shape [N], one entry per detection.
+
+    Returns:
+        dict with ``num_detections`` (N), ``spearman``, ``pearson`` and ``mean_iou``; undefined
+        values are None (so that the dict is valid JSON).
+    """
+    scores, ious = np.asarray(scores, dtype=np.float64), np.asarray(ious, dtype=np.float64)
+    return {
+        "num_detections": int(len(scores)),
+        "spearman": _finite_or_none(spearman(scores, ious)),
+        "pearson": _finite_or_none(pearson(scores, ious)),
+        "mean_iou": _finite_or_none(float(ious.mean())) if len(ious) else None,
+    }
+
+
+def correlations_by_rule(scores: Sequence[float], ious: Sequence[float]) -> Dict:
+    """
+    :func:`correlations` of all detections (top level) and of those with IoU > 0 (``iou_positive``).
+
+    Args:
+        scores, ious: array-likes of shape [N].
+
+    Returns:
+        dict: ``rule``, the keys of :func:`correlations`, and ``iou_positive`` (same keys).
+    """
+    scores, ious = np.asarray(scores, dtype=np.float64), np.asarray(ious, dtype=np.float64)
+    positive = ious > 0
+    return {
+        "rule": MATCHING_RULE,
+        **correlations(scores, ious),
+        "iou_positive": correlations(scores[positive], ious[positive]),
+    }
+
+
+def ground_truth_of(record: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Non-crowd ground truth of a detectron2 dataset dict, in the image's original coordinates.
+
+    Args:
+        record: dataset dict with ``annotations`` (``bbox``, ``bbox_mode``, ``category_id``
+            contiguous, optional ``iscrowd``).
+
+    Returns:
+        boxes (Tensor[G, 4] float, xyxy), classes (Tensor[G] long).
+    """
+    annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
+    classes = [a["category_id"] for a in annos]
+    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(classes, dtype=torch.long))
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Collection during inference.
+# ----------------------------------------------------------------------------------------------
+
+
+class ScoreIoUEvaluator(DatasetEvaluator):
+    """
+    Collects (score, IoU with the matched ground truth, class) for every detection during
+    ``inference_on_dataset``; ``evaluate()`` returns ``{"consistency": correlations_by_rule}``.
+    The collected arrays stay readable afterwards as ``scores``, ``ious`` and ``classes`` ([N]).
+    """
+
+    def __init__(self, dataset_dicts: List[Dict]):
+        """
+        Args:
+            dataset_dicts: the dataset's dicts (with annotations), looked up by ``image_id``;
+                the test loader's inputs carry no annotations.
+        """
+        self._gt = {d["image_id"]: d for d in dataset_dicts}
+        self.reset()
+
+    def reset(self):
+        self._chunks = []
+        self.scores = self.ious = self.classes = np.zeros(0)
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            # Outputs are in original image coordinates (the mapper's height/width), like the GT.
+            inst: Instances = out["instances"].to("cpu")
+            gt_boxes, gt_classes = ground_truth_of(self._gt[inp["image_id"]])
+            ious, _ = match_detections(inst.pred_boxes.tensor, inst.pred_classes, gt_boxes,
+                                       gt_classes)
+            self._chunks.append(np.stack([inst.scores.numpy(), ious.numpy(),
+                                          inst.pred_classes.numpy()], axis=1).reshape(-1, 3))
+
+    def evaluate(self):
+        chunks = comm.gather(self._chunks, dst=0)
+        if not comm.is_main_process():
+            return {}
+        rows = [c for part in chunks for c in part]
+        table = np.concatenate(rows, axis=0) if rows else np.zeros((0, 3))
+        self.scores, self.ious, self.classes = table[:, 0], table[:, 1], table[:, 2].astype(int)
+        return {"consistency": correlations_by_rule(self.scores, self.ious)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line plumbing shared by demo.py and tools/*.py.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(config_file: str, opts: Sequence[str], require_weights: bool = False):
+    """
+    A frozen config: detectron2 defaults, the DSLA keys, ``config_file``, then ``KEY VALUE`` opts.
+
+    Args:
+        config_file: yaml path.
+        opts: flat list of overrides.
+        require_weights: check that ``MODEL.WEIGHTS`` is set and (if local) exists.
+
+    Raises:
+        FileNotFoundError / ValueError / KeyError: with a message naming the problem.
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got {list(opts)}")
+    cfg = get_cfg()
+    add_dsla_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, yaml.YAMLError) as e:
+        # yacs reports unknown keys with a bare assert; keep its message ("Non-existent key: X").
+        raise ValueError(f"invalid config ({config_file} + overrides): {e}") from None
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"  # a GPU config still runs here, slowly
+    cfg.freeze()
+    weights = cfg.MODEL.WEIGHTS
+    if require_weights and not weights:
+        raise ValueError(f"{config_file} sets no weights: pass MODEL.WEIGHTS /path/to/model.pth")
+    if require_weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
+    return cfg
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """
+    Turn :data:`USER_ERRORS` into ``sys.exit("error: <message>")`` on one line (exit code 1).
+    Set ``DSLA_TRACEBACK=1`` to get the traceback instead.
+    """
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("DSLA_TRACEBACK"):
+            raise
+        # KeyError's str() is the repr of its argument; unwrap it.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.exit("error: " + " ".join(str(message).split()))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""
+Does the score rank boxes by localisation quality? Score-IoU consistency of a trained model.
+
+Runs the model on a dataset (detectron2's test loader and ``inference_on_dataset``), evaluates
+COCO box AP, and matches every detection to the ground-truth box of its class that it overlaps
+most (IoU 0 if none; all detections above the model's score threshold are kept, see
+``dsla.analysis``). Writes to DIR:
+
+    consistency.json   Spearman and Pearson correlation of score vs IoU (all detections, and
+                       those with IoU > 0), number of detections, COCO AP numbers
+    score_vs_iou.png   scatter of score against IoU, with the mean score per IoU bin
+    coco_eval/         COCOEvaluator's files (detections in COCO json format)
+
+    python projects/DSLA/tools/analyze_consistency.py \\
+        --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --dataset shapes_val \\
+        --output out/consistency MODEL.WEIGHTS output/demo/model_final.pth
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; must precede the pyplot import
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader  # noqa: E402
+from detectron2.evaluation import (  # noqa: E402
+    COCOEvaluator,
+    DatasetEvaluators,
+    inference_on_dataset,
+)
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+import dsla  # noqa: E402,F401  (registers the meta-architectures and the built-in datasets)
+from dsla.analysis import ScoreIoUEvaluator, exit_on_user_error, load_config  # noqa: E402
+
+IOU_BINS = np.linspace(0.0, 1.0, 11)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                     epilog=__doc__.strip().split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--dataset", default=None,
+                        help="registered dataset (default: the config's DATASETS.TEST[0])")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides; MODEL.WEIGHTS is required")
+    return parser.parse_args(argv)
+
+
+def evaluate(cfg, dataset: str, output_dir: str):
+    """
+    Run the model of ``cfg`` (with ``MODEL.WEIGHTS``) on ``dataset``.
+
+    Returns:
+        results (dict: ``bbox`` COCO metrics, ``consistency`` correlations) and the
+        :class:`ScoreIoUEvaluator` holding the per-detection ``scores`` / ``ious`` ([N]).
+    """
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    dicts = DatasetCatalog.get(dataset)
+    if not dicts:
+        raise ValueError(f"dataset '{dataset}' has no images")
+    loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False),
+                                         num_workers=cfg.DATALOADER.NUM_WORKERS)
+    pairs = ScoreIoUEvaluator(dicts)
+    coco = COCOEvaluator(dataset, tasks=("bbox",), output_dir=os.path.join(output_dir, "coco_eval"))
+    results = inference_on_dataset(model, loader, DatasetEvaluators([coco, pairs]))
+    return results, pairs
+
+
+def plot_score_vs_iou(scores: np.ndarray, ious: np.ndarray, summary: Dict, title: str):
+    """
+    Args:
+        scores, ious: [N] per detection. summary: ``correlations_by_rule`` output.
+        title: first title line.
+
+    Returns:
+        a matplotlib Figure: scatter (IoU on x, score on y) plus the mean score per IoU bin.
+    """
+    fig, ax = plt.subplots(figsize=(5.0, 4.2), layout="constrained")
+    ax.scatter(ious, scores, s=4, alpha=0.35, color="tab:blue", lw=0, label="detection")
+    bins = np.clip(np.digitize(ious, IOU_BINS[1:-1]), 0, len(IOU_BINS) - 2)
+    centres = (IOU_BINS[:-1] + IOU_BINS[1:]) / 2
+    means = [scores[bins == b].mean() if np.any(bins == b) else np.nan for b in range(len(centres))]
+    ax.plot(centres, means, "o-", color="tab:red", ms=4, label="mean score per IoU bin")
+    ax.set(xlim=(-0.02, 1.02), ylim=(0, 1.02), xlabel="IoU with best same-class ground truth",
+           ylabel="detection score")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title}\nN = {summary['num_detections']}, Spearman {_fmt(summary['spearman'])}"
+                 f", Pearson {_fmt(summary['pearson'])}", fontsize=9)
+    return fig
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _json_safe(obj):
+    """NaN/inf -> None (COCO APs are NaN for absent size ranges) so the file is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def run(args) -> Dict:
+    cfg = load_config(args.config_file, args.opts, require_weights=True)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if not dataset:
+        raise ValueError("no dataset: pass --dataset NAME (the config has no DATASETS.TEST)")
+    if dataset not in DatasetCatalog.list():
+        raise KeyError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+    os.makedirs(args.output, exist_ok=True)
+    results, pairs = evaluate(cfg, dataset, args.output)
+    report = _json_safe({
+        "dataset": dataset,
+        "config_file": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        **results["consistency"],
+        "coco_bbox": {k: float(v) for k, v in results.get("bbox", {}).items()},
+    })
+    with open(os.path.join(args.output, "consistency.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    fig = plot_score_vs_iou(pairs.scores, pairs.ious, report, f"{dataset}: score vs IoU")
+    fig.savefig(os.path.join(args.output, "score_vs_iou.png"), dpi=80)
+    plt.close(fig)
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        report = run(args)
+    bbox = report["coco_bbox"]
+    print(f"{report['num_detections']} detections: Spearman {_fmt(report['spearman'])}, "
+          f"Pearson {_fmt(report['pearson'])}; box AP {_fmt(bbox.get('AP'))}")
+    print(f"Wrote {os.path.join(args.output, 'consistency.json')} and score_vs_iou.png")
+    return 0
+
+
+if __name__ == "__main__":
+    setup_logger(name="detectron2", abbrev_name="d2")  # progress and the COCO AP table
+    sys.exit(main())
