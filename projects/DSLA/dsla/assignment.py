@@ -5,11 +5,14 @@ Shape letters used in this module:
     G: ground-truth boxes of the image
     C: ground-truth boxes in one chunk (C <= chunk size)
 
+    K: candidate (box, point) pairs, i.e. pairs whose point passes the inside test (§3.2)
+
 Every point p is scored against every box g with the smooth label q(p, g) = ctr · scale_score
-(spec §3.6); a point takes the box with the largest q (spec §3.7). Boxes are processed in chunks
-so that the [C, P] intermediates stay small however crowded the image is.
+(spec §3.6); a point takes the box with the largest q (spec §3.7). Only the strict inside test
+is evaluated densely, on [C, P] boolean masks for chunks of boxes (bounded memory however
+crowded the image); the rest of the math runs on the K candidate pairs, which are few because a
+box covers a small part of the image, and the per-point choice is a scatter-reduction.
 """
-import math
 from typing import Sequence, Tuple
 
 import torch
@@ -17,9 +20,9 @@ from torch import Tensor
 
 __all__ = ["BOX_CHUNK_SIZE", "assign_smooth_labels", "level_point_info", "pairwise_smooth_labels"]
 
-# Boxes per chunk: with ~20k points each [C, P] temporary stays at ~2.5 MB whatever G is. Larger
-# chunks were no faster on CPU; smaller ones mean more (GPU: kernel-launch bound) iterations.
-BOX_CHUNK_SIZE = 32
+# Boxes per chunk of the dense inside test: with ~26k points (800x1333) a [C, P] bool mask is
+# ~0.4 MB, so the dense part stays small whatever G is.
+BOX_CHUNK_SIZE = 16
 
 
 def level_point_info(
@@ -84,9 +87,8 @@ def pairwise_smooth_labels(points, strides, regress_ranges, gt_boxes, *, relaxat
                            core_zone=True, center_sampling_radius=0.0):
     """
     The smooth label q(p, g) of every (box, point) pair (spec §3.1-§3.6), before the per-point
-    choice of §3.7. Not chunked: memory is O(G x P); for training use
-    :func:`assign_smooth_labels`. Used by the FCOS baseline (which picks boxes by area, not q)
-    and by the assignment visualisation.
+    choice of §3.7. Dense output, memory O(G x P): for training use :func:`assign_smooth_labels`.
+    Used by the FCOS baseline (which picks boxes by area, not q) and the visualisation.
 
     Args:
         points, strides, regress_ranges, gt_boxes, relaxation_factor, core_zone,
@@ -95,56 +97,108 @@ def pairwise_smooth_labels(points, strides, regress_ranges, gt_boxes, *, relaxat
     Returns:
         Tensor[G, P]: q(p, g) in [0, 1], 0 where p is not a positive of g.
     """
-    dtype = points.dtype
-    if gt_boxes.shape[0] == 0:
-        return points.new_zeros((0, points.shape[0]))
-    ranges = _relaxed_ranges(regress_ranges.to(dtype).t().contiguous(), relaxation_factor)
-    return _smooth_labels(points.t().contiguous(), strides.to(dtype)[None, :], ranges,
-                          gt_boxes.to(dtype), core_zone, center_sampling_radius)
+    boxes = gt_boxes.to(points.dtype)
+    q = points.new_zeros((boxes.shape[0], points.shape[0]))
+    if boxes.shape[0] > 0:
+        g_idx, p_idx = _candidate_pairs(points, strides, boxes, center_sampling_radius,
+                                        BOX_CHUNK_SIZE)
+        q[g_idx, p_idx] = _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx,
+                                              p_idx, relaxation_factor, core_zone)
+    return q
 
 
 def _assign_in_chunks(points, strides, regress_ranges, gt_boxes, gt_classes, num_classes, *,
                       relaxation_factor, core_zone, center_sampling_radius, chunk_size):
     """
-    :func:`assign_smooth_labels` with the chunk size as an argument. Results do not depend on
-    ``chunk_size``: a running best (q, area, index) is kept across chunks, and a later chunk only
-    replaces it with a strictly better (q, -area), so equal candidates keep the lower box index.
+    :func:`assign_smooth_labels` with the chunk size of the dense inside test as an argument;
+    results do not depend on it.
     """
     num_points = points.shape[0]
-    dtype, device = points.dtype, points.device
-    best_q = torch.full((num_points,), -1.0, dtype=dtype, device=device)
-    best_area = torch.full((num_points,), math.inf, dtype=dtype, device=device)
-    best_idx = torch.zeros(num_points, dtype=torch.long, device=device)
-    if gt_boxes.shape[0] > 0:
-        # Internally pairs are laid out [C, P]: the long point axis is the contiguous one, which
-        # lets the elementwise kernels vectorise (a short inner box axis is several times slower).
-        ranges = _relaxed_ranges(regress_ranges.to(dtype).t().contiguous(), relaxation_factor)
-        points_t = points.t().contiguous()
-        strides = strides.to(dtype)[None, :]
-        boxes = gt_boxes.to(dtype)
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        for start in range(0, boxes.shape[0], chunk_size):
-            chunk = slice(start, start + chunk_size)
-            q = _smooth_labels(points_t, strides, ranges, boxes[chunk], core_zone,
-                               center_sampling_radius)
-            q_c, area_c, idx_c = _best_box_per_point(q, areas[chunk])
-            better = (q_c > best_q) | ((q_c == best_q) & (area_c < best_area))
-            best_q = torch.where(better, q_c, best_q)
-            best_area = torch.where(better, area_c, best_area)
-            best_idx = torch.where(better, idx_c + start, best_idx)
+    best_q = points.new_zeros(num_points)
+    best_idx = torch.zeros(num_points, dtype=torch.long, device=points.device)
+    boxes = gt_boxes.to(points.dtype)
+    if boxes.shape[0] > 0:
+        g_idx, p_idx = _candidate_pairs(points, strides, boxes, center_sampling_radius, chunk_size)
+        q = _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx, p_idx,
+                                relaxation_factor, core_zone)
+        best_q, best_idx = _best_box_per_point(q, g_idx, p_idx, boxes, num_points)
     return _gather_targets(best_q, best_idx, gt_boxes, gt_classes, num_classes)
+
+
+def _candidate_pairs(points, strides, boxes, radius, chunk_size) -> Tuple[Tensor, Tensor]:
+    """
+    Spec §3.2: the (box, point) pairs whose point is strictly inside the box, or, with centre
+    sampling (radius R > 0), strictly inside [cx - R·s, cy - R·s, cx + R·s, cy + R·s] clipped
+    to the box (s = the point's stride).
+
+    Args:
+        points (Tensor[P, 2]), strides (Tensor[P]), boxes (Tensor[G, 4]), radius (float),
+        chunk_size (int): boxes per dense [C, P] mask.
+
+    Returns:
+        g_idx, p_idx (Tensor[K] long): box and point index of every pair, ordered by box.
+    """
+    x, y = points[None, :, 0], points[None, :, 1]
+    reach = strides.to(points.dtype)[None, :] * radius
+    pairs = []
+    for start in range(0, boxes.shape[0], chunk_size):
+        x0, y0, x1, y1 = boxes[start : start + chunk_size, :, None].unbind(dim=1)
+        if radius > 0:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            x0, y0 = torch.maximum(cx - reach, x0), torch.maximum(cy - reach, y0)
+            x1, y1 = torch.minimum(cx + reach, x1), torch.minimum(cy + reach, y1)
+        # x - x0 > 0 <=> x > x0 exactly in floating point, so this equals min(l, t, r, b) > 0.
+        inside = (x > x0) & (x < x1) & (y > y0) & (y < y1)
+        g, p = inside.nonzero(as_tuple=True)
+        pairs.append((g + start, p))
+    return torch.cat([g for g, _ in pairs]), torch.cat([p for _, p in pairs])
+
+
+def _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx, p_idx, relaxation_factor,
+                        core_zone) -> Tensor:
+    """
+    Spec §3.3-§3.6: q = ctr · scale_score of candidate pairs (whose point is inside the box).
+
+    Args:
+        points (Tensor[P, 2]), strides (Tensor[P]), regress_ranges (Tensor[P, 2]),
+        boxes (Tensor[G, 4]), g_idx / p_idx (Tensor[K]): the pairs; relaxation_factor (float),
+        core_zone (bool).
+
+    Returns:
+        Tensor[K]: q of each pair.
+    """
+    x, y = points[p_idx].unbind(dim=1)
+    x0, y0, x1, y1 = boxes[g_idx].unbind(dim=1)
+    left, top, right, bottom = x - x0, y - y0, x1 - x, y1 - y
+    lr = torch.minimum(left, right).clamp(min=0) / torch.maximum(left, right).clamp(min=0.01)
+    tb = torch.minimum(top, bottom).clamp(min=0) / torch.maximum(top, bottom).clamp(min=0.01)
+    ctr = torch.sqrt(lr * tb)
+    if core_zone:
+        # Spec §3.4: a box whose centre falls between points would otherwise get only tiny
+        # labels; the points within half a stride of its centre get ctr = 1.
+        half = strides.to(points.dtype)[p_idx] / 2
+        core = ((x - (x0 + x1) / 2).abs() <= half) & ((y - (y0 + y1) / 2).abs() <= half)
+        ctr = torch.where(core, torch.ones_like(ctr), ctr)
+    # Spec §3.5: the scale measure is the max of the raw distances.
+    m = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+    lo, hi, rlo, rhi = _relaxed_ranges(regress_ranges.to(points.dtype)[p_idx], relaxation_factor)
+    # The ramps are negative beyond rlo / rhi, so clamping at 0 gives the "0 outside" case.
+    below = ((m - rlo) / (lo - rlo).clamp(min=0.01)).clamp(min=0)
+    above = ((rhi - m) / (rhi - hi).clamp(min=0.01)).clamp(min=0)
+    scale = torch.where(m > hi, above, torch.where(m >= lo, torch.ones_like(m), below))
+    return ctr * scale
 
 
 def _relaxed_ranges(regress_ranges: Tensor, relaxation_factor: float) -> Tuple[Tensor, ...]:
     """
     Args:
-        regress_ranges (Tensor[2, P]): (lo, hi) per point, transposed.
+        regress_ranges (Tensor[K, 2]): (lo, hi) per pair.
         relaxation_factor (float): f.
 
     Returns:
-        lo, hi, rlo, rhi: four Tensor[1, P] in the dtype of ``regress_ranges``.
+        lo, hi, rlo, rhi: four Tensor[K] in the dtype of ``regress_ranges``.
     """
-    lo, hi = regress_ranges[0:1], regress_ranges[1:2]
+    lo, hi = regress_ranges.unbind(dim=1)
     if relaxation_factor <= 0:
         # Relaxation off: empty ramps, i.e. the hard 0/1 range test (spec §3.5).
         return lo, hi, lo, hi
@@ -156,92 +210,29 @@ def _relaxed_ranges(regress_ranges: Tensor, relaxation_factor: float) -> Tuple[T
     return lo, hi, rlo, rhi
 
 
-def _smooth_labels(points, strides, ranges, boxes, core_zone, center_sampling_radius):
+def _best_box_per_point(q, g_idx, p_idx, boxes, num_points) -> Tuple[Tensor, Tensor]:
     """
-    Args:
-        points (Tensor[2, P]): transposed points. strides (Tensor[1, P]).
-        ranges: output of :func:`_relaxed_ranges`. boxes (Tensor[C, 4]).
-        core_zone (bool), center_sampling_radius (float).
-
-    Returns:
-        Tensor[C, P]: q(p, g) = ctr · scale_score (spec §3.6), 0 where p is not inside g.
-    """
-    x, y = points[0:1], points[1:2]
-    x0, y0, x1, y1 = boxes[:, 0:1], boxes[:, 1:2], boxes[:, 2:3], boxes[:, 3:4]
-    left, top, right, bottom = x - x0, y - y0, x1 - x, y1 - y
-    inside = _inside_mask(x, y, boxes, left, top, right, bottom, strides, center_sampling_radius)
-    ctr = _centerness(left, top, right, bottom)
-    if core_zone:
-        # Spec §3.4: a box whose centre falls between points would otherwise get only tiny
-        # labels; the points nearest its centre get ctr = 1.
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        half = strides / 2
-        core = ((x - cx).abs() <= half) & ((y - cy).abs() <= half)
-        ctr.masked_fill_(core, 1.0)
-    # Spec §3.5: the measure is max of the raw distances, whether or not p is inside g.
-    m = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
-    return torch.where(inside, ctr.mul_(_scale_score(m, ranges)), 0.0)
-
-
-def _inside_mask(x, y, boxes, left, top, right, bottom, strides, radius) -> Tensor:
-    """
-    Spec §3.2, strict inside test. x, y (Tensor[1, P]); boxes (Tensor[C, 4]); left..bottom
-    (Tensor[C, P]); strides (Tensor[1, P]); radius (float). Returns a bool Tensor[C, P].
-    """
-    if radius > 0:
-        # Centre sampling: the box [cx - R·s, cy - R·s, cx + R·s, cy + R·s] clipped to g.
-        x0, y0, x1, y1 = boxes[:, 0:1], boxes[:, 1:2], boxes[:, 2:3], boxes[:, 3:4]
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        reach = strides * radius
-        left = x - torch.maximum(cx - reach, x0)
-        top = y - torch.maximum(cy - reach, y0)
-        right = torch.minimum(cx + reach, x1) - x
-        bottom = torch.minimum(cy + reach, y1) - y
-    return torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom)) > 0
-
-
-def _centerness(left, top, right, bottom) -> Tensor:
-    """Spec §3.3, Tensor[C, P] each -> Tensor[C, P]; clamps keep it finite at and off the edges."""
-    lr = torch.minimum(left, right).clamp_(min=0).div_(torch.maximum(left, right).clamp_(min=0.01))
-    tb = torch.minimum(top, bottom).clamp_(min=0).div_(torch.maximum(top, bottom).clamp_(min=0.01))
-    return lr.mul_(tb).sqrt_()
-
-
-def _scale_score(m: Tensor, ranges) -> Tensor:
-    """
-    Spec §3.5: 1 on [lo, hi], linear ramps to 0 at rlo and rhi, 0 outside [rlo, rhi].
+    Spec §3.7 without sorting: per point, the largest q; among equal q the smaller box area;
+    among equal areas the lower box index (three scatter-reductions over the pairs).
 
     Args:
-        m (Tensor[C, P]): max(l, t, r, b).
-        ranges: (lo, hi, rlo, rhi), each Tensor[1, P].
+        q, g_idx, p_idx (Tensor[K]): pairs and their smooth labels. boxes (Tensor[G, 4]).
+        num_points (int): P.
 
     Returns:
-        Tensor[C, P] in [0, 1].
+        best_q (Tensor[P], 0 where no pair has q > 0), best_idx (Tensor[P] long).
     """
-    lo, hi, rlo, rhi = ranges
-    # The ramps are negative beyond rlo / rhi, so clamping at 0 gives the "0 outside" case.
-    below = (m - rlo).div_((lo - rlo).clamp(min=0.01)).clamp_(min=0)
-    above = (rhi - m).div_((rhi - hi).clamp(min=0.01)).clamp_(min=0)
-    # m > hi implies m >= lo, so `below` may hold the plateau value 1 for all m >= lo.
-    return torch.where(m > hi, above, below.masked_fill_(m >= lo, 1.0))
-
-
-def _best_box_per_point(q: Tensor, areas: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """
-    Per point, the box with the largest q; ties go to the smaller area, then the lower index
-    (spec §3.7), without sorting.
-
-    Args:
-        q (Tensor[C, P]): smooth labels. areas (Tensor[C]): box areas.
-
-    Returns:
-        q (Tensor[P]), area (Tensor[P]), index into the C boxes (Tensor[P] long).
-    """
-    best_q = q.max(dim=0).values
-    tied_areas = torch.where(q == best_q[None, :], areas[:, None], math.inf)
-    # min(dim) returns the first minimal index, i.e. the lower box index among equal areas.
-    best_area, best_idx = tied_areas.min(dim=0)
-    return best_q, best_area, best_idx
+    best_q = q.new_zeros(num_points).scatter_reduce(0, p_idx, q, "amax")
+    tied = (q == best_q[p_idx]) & (q > 0)
+    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[g_idx]
+    areas = torch.where(tied, areas, torch.full_like(areas, float("inf")))
+    best_area = torch.full_like(best_q, float("inf")).scatter_reduce(0, p_idx, areas, "amin")
+    tied &= areas == best_area[p_idx]
+    num_boxes = boxes.shape[0]
+    candidates = torch.where(tied, g_idx, torch.full_like(g_idx, num_boxes))
+    best_idx = torch.full((num_points,), num_boxes, dtype=torch.long, device=q.device)
+    best_idx = best_idx.scatter_reduce(0, p_idx, candidates, "amin")
+    return best_q, best_idx.clamp(max=num_boxes - 1)
 
 
 def _gather_targets(best_q, best_idx, gt_boxes, gt_classes, num_classes):
