@@ -4,8 +4,15 @@ Importing this package registers, in detectron2's registries: the ``DSLA`` and `
 meta-architectures, the ``build_dsla_resnet_fpn_backbone`` backbone, and the built-in
 ``shapes_train`` / ``shapes_val`` datasets.
 """
-from . import data  # noqa: F401  (registers the built-in datasets)
-from .backbone import build_dsla_resnet_fpn_backbone
+import warnings
+
+# fvcore and detectron2 script a few helpers with torch.jit.script at import time, which torch
+# 2.x flags as deprecated on every run; it is harmless for DSLA, so keep it out of users' logs.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                        category=FutureWarning)
+
+from . import data  # noqa: E402,F401  (registers the built-in datasets)
+from .backbone import build_dsla_resnet_fpn_backbone  # noqa: E402
 from .config import add_dsla_config
 from .fcos import FCOS
 from .head import DSLAHead
