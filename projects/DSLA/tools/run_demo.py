@@ -51,7 +51,8 @@ def draw_validation_predictions(config_file, opts, output_dir, num_images):
     cfg.merge_from_list(list(opts) + ["MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth")])
     dataset = cfg.DATASETS.TEST[0]
     paths = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
-    drawings = predict_images(cfg, paths, dataset_name=dataset, score_threshold=0.3)
+    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences.
+    drawings = predict_images(cfg, paths, dataset_name=dataset, score_threshold=0.2)
     out = os.path.join(output_dir, "predictions.png")
     Image.fromarray(image_grid(drawings, columns=4)).save(out)
     return out
