@@ -11,27 +11,39 @@ IOU_COUPLING_MODES = ("on", "off", "iou_only")
 BOX_LOSS_TYPES = ("iou", "giou")
 
 
+def _dense_head_node():
+    """The keys DSLA and the FCOS baseline share, with DSLA's defaults."""
+    node = CN()
+    # Number of foreground classes (detectron2 counts no background class).
+    node.NUM_CLASSES = 80
+    # Backbone features fed to the head, finest first (strides 8..128, §1).
+    node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convs in each of the two towers (classification, regression).
+    node.NUM_CONVS = 4
+    # Norm of the tower convs: "GN" (32 groups, the paper), "" for none, or any detectron2 norm.
+    node.NORM = "GN"
+    # Prior foreground probability pi; cls bias = -log((1 - pi) / pi).
+    node.PRIOR_PROB = 0.01
+    # Per-level [lo, hi] range of the scale measure m = max(l, t, r, b), one per IN_FEATURE (§2).
+    node.REGRESS_RANGES = [list(r) for r in _COCO_REGRESS_RANGES]
+    # Inference (§6): score threshold, candidates kept per level, class-aware NMS IoU.
+    # Detections per image come from TEST.DETECTIONS_PER_IMAGE (100).
+    node.SCORE_THRESH_TEST = 0.05
+    node.TOPK_CANDIDATES_TEST = 1000
+    node.NMS_THRESH_TEST = 0.6
+    return node
+
+
 def add_dsla_config(cfg):
     """
-    Add the DSLA and FCOS-baseline keys to a detectron2 config (in place).
+    Add the DSLA keys (``MODEL.DSLA``), the FCOS-baseline keys (``MODEL.FCOS``) and
+    ``SOLVER.OPTIMIZER`` to a detectron2 config (in place).
 
     Args:
         cfg (CfgNode): typically ``detectron2.config.get_cfg()``.
     """
     _C = cfg
-    _C.MODEL.DSLA = CN()
-    # Number of foreground classes (detectron2 counts no background class).
-    _C.MODEL.DSLA.NUM_CLASSES = 80
-    # Backbone features fed to the head, finest first (strides 8..128, §1).
-    _C.MODEL.DSLA.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Convs in each of the two towers (classification, regression).
-    _C.MODEL.DSLA.NUM_CONVS = 4
-    # Norm of the tower convs: "GN" (32 groups, the paper), "" for none, or any detectron2 norm.
-    _C.MODEL.DSLA.NORM = "GN"
-    # Prior foreground probability pi; cls bias = -log((1 - pi) / pi).
-    _C.MODEL.DSLA.PRIOR_PROB = 0.01
-    # Per-level [lo, hi] range of the scale measure m = max(l, t, r, b), one per IN_FEATURE (§2).
-    _C.MODEL.DSLA.REGRESS_RANGES = [list(r) for r in _COCO_REGRESS_RANGES]
+    _C.MODEL.DSLA = _dense_head_node()
     # Interval relaxation factor f (§3.5); 0 disables relaxation (hard FCOS-style ranges).
     _C.MODEL.DSLA.INTERVAL_RELAXATION_FACTOR = 0.2
     # Smooth labels (§3.6): q = centerness * scale score. False gives FCOS-style hard labels
@@ -57,39 +69,38 @@ def add_dsla_config(cfg):
     _C.MODEL.DSLA.DCN_ON_LAST_CONV = False
     # Keep the conv bias in tower convs even when a norm follows (authors' strongest configs).
     _C.MODEL.DSLA.CONV_BIAS = False
-    # Inference (§6): score threshold, candidates kept per level, class-aware NMS IoU.
-    # Detections per image come from TEST.DETECTIONS_PER_IMAGE (100).
-    _C.MODEL.DSLA.SCORE_THRESH_TEST = 0.05
-    _C.MODEL.DSLA.TOPK_CANDIDATES_TEST = 1000
-    _C.MODEL.DSLA.NMS_THRESH_TEST = 0.6
 
     # Optimizer: "SGD" (detectron2's, the paper's recipes) or "ADAMW" (faster from scratch on CPU).
     _C.SOLVER.OPTIMIZER = "SGD"
 
-    # detectron2's own FCOS (baseline for benchmarks); same backbone and head widths as DSLA.
-    _C.MODEL.FCOS = CN()
-    # Number of foreground classes.
-    _C.MODEL.FCOS.NUM_CLASSES = 80
-    # Backbone features fed to the head.
-    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Convs per tower.
-    _C.MODEL.FCOS.NUM_CONVS = 4
-    # Norm of the tower convs.
-    _C.MODEL.FCOS.NORM = "GN"
-    # Prior foreground probability of the cls bias.
-    _C.MODEL.FCOS.PRIOR_PROB = 0.01
-    # Per-level [lo, hi] ranges of max(l, t, r, b), as for DSLA (detectron2's FCOS hard-codes
-    # 4x and 8x the stride; configurable here so both detectors see the same ranges).
-    _C.MODEL.FCOS.REGRESS_RANGES = [list(r) for r in _COCO_REGRESS_RANGES]
+    # detectron2's own FCOS (baseline for benchmarks): the shared keys above (its regress ranges
+    # are configurable here, detectron2 hard-codes 4x / 8x the stride) plus its own.
+    _C.MODEL.FCOS = _dense_head_node()
     # Centre-sampling radius in strides (detectron2's FCOS always samples centres).
     _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
     # Sigmoid focal loss alpha and gamma.
     _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
-    # Inference: same meaning as the DSLA keys.
-    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
-    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
-    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+def dense_detector_kwargs(cfg, node):
+    """
+    Constructor arguments of detectron2 dense detectors (DSLA and FCOS) read from ``cfg``:
+    inference settings of ``node`` (``cfg.MODEL.DSLA`` or ``cfg.MODEL.FCOS``), detections per
+    image and pixel normalisation.
+
+    Returns:
+        dict: ``test_score_thresh``, ``test_topk_candidates``, ``test_nms_thresh``,
+        ``max_detections_per_image``, ``pixel_mean``, ``pixel_std``.
+    """
+    return {
+        "test_score_thresh": node.SCORE_THRESH_TEST,
+        "test_topk_candidates": node.TOPK_CANDIDATES_TEST,
+        "test_nms_thresh": node.NMS_THRESH_TEST,
+        "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+        "pixel_std": cfg.MODEL.PIXEL_STD,
+    }
 
 
 def validate_dsla_config(cfg, in_feature_strides):

@@ -16,6 +16,7 @@ from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes
 
 from .assignment import level_point_info, pairwise_smooth_labels
+from .config import dense_detector_kwargs
 
 __all__ = ["FCOS"]
 
@@ -57,12 +58,7 @@ class FCOS(_D2FCOS):
             "center_sampling_radius": c.CENTER_SAMPLING_RADIUS,
             "focal_loss_alpha": c.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": c.FOCAL_LOSS_GAMMA,
-            "test_score_thresh": c.SCORE_THRESH_TEST,
-            "test_topk_candidates": c.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": c.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
+            **dense_detector_kwargs(cfg, c),
         }
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import assign_smooth_labels, level_point_info
-from .config import validate_dsla_config
+from .config import dense_detector_kwargs, validate_dsla_config
 from .head import DSLAHead
 from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
 
@@ -120,12 +120,7 @@ class DSLA(DenseDetector):
             "cls_loss_weight": c.CLS_LOSS_WEIGHT,
             "box_loss_type": c.BOX_LOSS_TYPE,
             "box_loss_weight": c.BOX_LOSS_WEIGHT,
-            "test_score_thresh": c.SCORE_THRESH_TEST,
-            "test_topk_candidates": c.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": c.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
+            **dense_detector_kwargs(cfg, c),
             "input_format": cfg.INPUT.FORMAT,
         }
 
