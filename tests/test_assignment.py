@@ -379,3 +379,25 @@ def test_matches_loop_and_sort_reference(options):
     assert (expected[0] != BACKGROUND).sum() > 100
     for a, b in zip(actual, expected):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_pairwise_smooth_labels_agree_with_assignment():
+    # q* of every point is the largest pairwise q over the boxes (spec §3.7).
+    from dsla.assignment import pairwise_smooth_labels
+
+    g = torch.Generator().manual_seed(3)
+    points, strides, ranges = level_point_info(
+        [torch.stack(torch.meshgrid(torch.arange(0, 256, s), torch.arange(0, 256, s),
+                                    indexing="xy"), -1).reshape(-1, 2).float()
+         for s in (8, 16, 32, 64, 128)],
+        [8, 16, 32, 64, 128], [(0, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)])
+    xy = torch.rand(40, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 120 + 4], dim=1)
+    for options in [{}, {"relaxation_factor": 0.0, "core_zone": False,
+                         "center_sampling_radius": 1.5}]:
+        q = pairwise_smooth_labels(points, strides, ranges, boxes, **options)
+        assert q.shape == (40, len(points))
+        _, scores, _ = assign_smooth_labels(points, strides, ranges, boxes,
+                                            torch.zeros(40, dtype=torch.long), 3, **options)
+        assert torch.equal(q.max(dim=0).values, scores)
+    assert pairwise_smooth_labels(points, strides, ranges, boxes[:0]).shape == (0, len(points))

@@ -226,3 +226,28 @@ def test_points_have_no_half_stride_offset():
     centres = anchors[0].get_centers()
     assert isinstance(anchors[0], Boxes)
     assert centres.tolist() == [[0, 0], [8, 0], [16, 0], [0, 8], [8, 8], [16, 8]]
+
+
+def test_fcos_baseline_takes_smallest_box(storage):
+    # detectron2's FCOS puts points at ((j + 0.5) s, (i + 0.5) s). Its point (48, 48) of P5
+    # (stride 32, range [32, 64]) lies in both boxes:
+    #   A = [0, 0, 100, 100]:   l = t = 48, r = b = 52 -> m = 52 (in range), centerness 0.92
+    #   B = [40, 40, 100, 100]: l = t = 8,  r = b = 52 -> m = 52 (in range), centerness 0.15
+    # and in both centre-sampling regions (1.5 x 32 = 48 px around the centres, clipped).
+    # FCOS counts every positive the same: the smaller box (B, class 1) wins, not the better q.
+    boxes = [[[0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 100.0, 100.0]]]
+    batch = make_inputs(boxes, [[0, 1]])
+    fcos = _model("MODEL.META_ARCHITECTURE", "FCOS")
+    strides = (8, 16, 32, 64, 128)
+    anchors = fcos.anchor_generator([torch.zeros(1, 1, 128 // s, 128 // s) for s in strides])
+    centres = torch.cat([a.get_centers() for a in anchors])
+    level = torch.cat([torch.full((len(a),), s) for a, s in zip(anchors, strides)])
+    index = ((centres == torch.tensor([48.0, 48.0])).all(1) & (level == 32)).nonzero().item()
+    labels, matched = fcos.label_anchors(anchors, [batch[0]["instances"]])
+    assert labels[0][index].item() == 1
+    assert matched[0][index].tolist() == boxes[0][1]
+    # P4 point (40, 40): m = 60 for A is outside [16, 32], and it lies on the edge of B.
+    index_p4 = ((centres == torch.tensor([40.0, 40.0])).all(1) & (level == 16)).nonzero().item()
+    assert labels[0][index_p4].item() == 6
+    losses = fcos(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
