@@ -413,3 +413,13 @@ def test_dcn_head_matches_mmcv_forward():
         ref_logits, ref_dists = ref_head(feats, sd, norm_on_bbox=True)
     for out, ref in zip(logits + dists, ref_logits + ref_dists):
         torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    spec = importlib.util.spec_from_file_location("convert_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as e:
+        script.main([str(tmp_path / "none.pth"), str(tmp_path / "out.pth")])
+    assert str(e.value) == f"error: checkpoint file not found: {tmp_path / 'none.pth'}"
+    assert not (tmp_path / "out.pth").exists()

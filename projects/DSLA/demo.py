@@ -21,7 +21,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog
 
 import dsla  # noqa: F401  (registers the meta-architectures and the built-in datasets)
-from dsla.analysis import exit_on_user_error, load_config
+from dsla.cli import exit_on_user_error, load_config
 from dsla.visualization import predict_images
 
 _GLOB_CHARS = set("*?[")

@@ -16,32 +16,23 @@ the subset with IoU > 0 (detections that localise *some* object).
 Shape letters: D = detections of one image, G = ground-truth boxes of one image,
 N = detections of the whole dataset.
 """
-import contextlib
 import math
-import os
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import yaml
 from scipy.stats import rankdata
 
-from detectron2.config import get_cfg
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from detectron2.utils import comm
-
-from .config import add_dsla_config
 
 __all__ = [
     "MATCHING_RULE",
     "ScoreIoUEvaluator",
     "correlations",
     "correlations_by_rule",
-    "exit_on_user_error",
     "ground_truth_of",
-    "load_config",
     "match_detections",
     "pearson",
     "spearman",
@@ -51,11 +42,6 @@ MATCHING_RULE = (
     "each detection takes the highest IoU with a ground-truth box of its own class (crowd boxes "
     "excluded); 0 if there is none; all detections above the model's score threshold are kept"
 )
-
-# Errors that mean "the user passed something wrong" (missing file, bad key or value), turned into
-# one-line messages by the tools. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, KeyError, ValueError)
-
 
 # ----------------------------------------------------------------------------------------------
 # Matching and correlations (pure functions).
@@ -234,59 +220,3 @@ class ScoreIoUEvaluator(DatasetEvaluator):
         table = np.concatenate(rows, axis=0) if rows else np.zeros((0, 3))
         self.scores, self.ious, self.classes = table[:, 0], table[:, 1], table[:, 2].astype(int)
         return {"consistency": correlations_by_rule(self.scores, self.ious)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Command-line plumbing shared by demo.py and tools/*.py.
-# ----------------------------------------------------------------------------------------------
-
-
-def load_config(config_file: str, opts: Sequence[str], require_weights: bool = False):
-    """
-    A frozen config: detectron2 defaults, the DSLA keys, ``config_file``, then ``KEY VALUE`` opts.
-
-    Args:
-        config_file: yaml path.
-        opts: flat list of overrides.
-        require_weights: check that ``MODEL.WEIGHTS`` is set and (if local) exists.
-
-    Raises:
-        FileNotFoundError / ValueError / KeyError: with a message naming the problem.
-    """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    if len(opts) % 2:
-        raise ValueError(f"config overrides must be KEY VALUE pairs, got {list(opts)}")
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except (AssertionError, yaml.YAMLError) as e:
-        # yacs reports unknown keys with a bare assert; keep its message ("Non-existent key: X").
-        raise ValueError(f"invalid config ({config_file} + overrides): {e}") from None
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"  # a GPU config still runs here, slowly
-    cfg.freeze()
-    weights = cfg.MODEL.WEIGHTS
-    if require_weights and not weights:
-        raise ValueError(f"{config_file} sets no weights: pass MODEL.WEIGHTS /path/to/model.pth")
-    if require_weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
-    return cfg
-
-
-@contextlib.contextmanager
-def exit_on_user_error():
-    """
-    Turn :data:`USER_ERRORS` into ``sys.exit("error: <message>")`` on one line (exit code 1).
-    Set ``DSLA_TRACEBACK=1`` to get the traceback instead.
-    """
-    try:
-        yield
-    except USER_ERRORS as e:
-        if os.environ.get("DSLA_TRACEBACK"):
-            raise
-        # KeyError's str() is the repr of its argument; unwrap it.
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        sys.exit("error: " + " ".join(str(message).split()))

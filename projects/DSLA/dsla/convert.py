@@ -17,6 +17,7 @@ with a DCNv2 last conv). Renaming is enough; no tensor is transposed or rescaled
 Every source key must be used and every model key filled (strict, see :func:`check_converted`):
 a silently skipped tensor would keep its random initialisation and cost AP without any error.
 """
+import os
 import re
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -276,7 +277,12 @@ def read_checkpoint_file(path: str, allow_pickle: bool = False) -> Mapping:
         allow_pickle: unpickle arbitrary objects (only for trusted files). By default only
             tensors and plain containers are read (``weights_only``), which is enough for
             ``state_dict``, ``meta`` and ``optimizer`` of mmdetection 2.x checkpoints.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist. ConversionError: it cannot be read.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on version

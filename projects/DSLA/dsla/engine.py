@@ -6,14 +6,12 @@ clipping (the authors' recipe), CPU multi-process training, and a few user-facin
 import json
 import logging
 import os
-import sys
 from unittest import mock
 
 import torch
 
 import detectron2.engine.defaults as d2_defaults
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver import get_default_optimizer_params
@@ -21,7 +19,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .config import add_dsla_config
+from .cli import check_weights, exit_on_user_error, load_config
 from .data import check_num_classes, register_coco_dataset
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "cli"]
@@ -128,15 +126,8 @@ def _num_classes_key(cfg):
 
 
 def setup(args):
-    """Config from ``args``: defaults, DSLA keys, the yaml file, then ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"  # a GPU config runs on a CPU-only machine, just slowly
-    cfg.freeze()
+    """Config from ``args`` (defaults, DSLA keys, yaml, ``KEY VALUE`` overrides), logging, datasets."""
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     # detectron2 sets up its own loggers only; ours (and dsla.data's warnings) go to the same log.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dsla", abbrev_name="dsla")
@@ -149,13 +140,6 @@ def setup(args):
         except ValueError as e:
             raise ValueError(f"{key} = {num_classes}: {e}") from None
     return cfg
-
-
-def _check_eval_weights(weights):
-    if not weights:
-        raise ValueError("--eval-only needs trained weights: pass MODEL.WEIGHTS /path/to/model.pth")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
 
 
 def _log_rank_agreement(model):
@@ -173,7 +157,7 @@ def _log_rank_agreement(model):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        _check_eval_weights(cfg.MODEL.WEIGHTS)
+        check_weights(cfg.MODEL.WEIGHTS, "--eval-only")
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
@@ -193,11 +177,7 @@ def cli(argv=None):
     """Command-line entry point: parse, then ``launch`` one process per device."""
     args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    try:
+    # A user error (bad config value, missing file) ends with one line, not a traceback.
+    with exit_on_user_error():
         return launch(main, args.num_gpus, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if comm.get_world_size() > 1 or os.environ.get("DSLA_TRACEBACK"):
-            raise
-        # A user error (bad config value, missing file): one line, not a traceback.
-        sys.exit(f"error: {e}")

@@ -40,7 +40,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dsla  # noqa: E402,F401  (registers the meta-architectures and the built-in datasets)
-from dsla.analysis import ScoreIoUEvaluator, exit_on_user_error, load_config  # noqa: E402
+from dsla.analysis import ScoreIoUEvaluator  # noqa: E402
+from dsla.cli import exit_on_user_error, load_config  # noqa: E402
 
 IOU_BINS = np.linspace(0.0, 1.0, 11)
 

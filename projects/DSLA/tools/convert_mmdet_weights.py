@@ -17,9 +17,7 @@ import sys
 
 import torch
 
-from detectron2.config import get_cfg
-
-from dsla import add_dsla_config
+from dsla.cli import exit_on_user_error, load_config
 from dsla.convert import (
     ConversionError,
     convert_mmdet_state_dict,
@@ -49,21 +47,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_config(config_file, opts):
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["MODEL.DEVICE", "cpu"])
-    return cfg
-
-
 def main(argv=None):
     """Convert INPUT to OUTPUT; returns the process exit status (1 when the weights do not fit)."""
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():  # missing file, unreadable checkpoint, bad config: one line
         checkpoint = read_checkpoint_file(args.input, allow_pickle=args.allow_pickle)
         mmdet_state = extract_state_dict(checkpoint)
-        expected = model_shapes_from_config(load_config(args.config_file, args.opts))
+        cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+        expected = model_shapes_from_config(cfg)
+    try:
         state = convert_mmdet_state_dict(mmdet_state, expected)
     except ConversionError as e:
         print(f"ERROR: {e}", file=sys.stderr)

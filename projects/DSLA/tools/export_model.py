@@ -34,7 +34,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 import dsla  # noqa: F401  (registers the meta-architectures and the built-in datasets)
-from dsla.analysis import exit_on_user_error, load_config
+from dsla.cli import exit_on_user_error, load_config
 
 TOLERANCE = 1e-4
 # Order of the traced outputs: TracingAdapter flattens Instances fields in sorted-name order, then

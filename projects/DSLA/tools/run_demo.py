@@ -20,10 +20,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from dsla import add_dsla_config
+from dsla.cli import exit_on_user_error, load_config
 from dsla.engine import argument_parser, main
 from dsla.visualization import image_grid, predict_images
 
@@ -45,10 +44,8 @@ def parse_args(argv=None):
 
 def draw_validation_predictions(config_file, opts, output_dir, num_images):
     """Draw the final model's predictions on the first ``num_images`` of DATASETS.TEST[0]."""
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["MODEL.WEIGHTS", os.path.join(output_dir, "model_final.pth")])
+    weights = os.path.join(output_dir, "model_final.pth")
+    cfg = load_config(config_file, list(opts) + ["MODEL.WEIGHTS", weights], require_weights=True)
     dataset = cfg.DATASETS.TEST[0]
     paths = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
     # DSLA scores are IoU-coupled quality scores, lower than plain class confidences.
@@ -64,8 +61,9 @@ def run(argv=None):
     train_args = argument_parser().parse_args(
         ["--config-file", args.config_file, "--resume", *opts]
     )
-    main(train_args)
-    png = draw_validation_predictions(args.config_file, opts, args.output, args.num_images)
+    with exit_on_user_error():  # a bad override or data file: one line, not a traceback
+        main(train_args)
+        png = draw_validation_predictions(args.config_file, opts, args.output, args.num_images)
     with open(os.path.join(args.output, "eval_results.json")) as f:
         bbox = next(iter(json.load(f).values()))
     print("\n==== DSLA demo finished ====")

@@ -36,7 +36,8 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
 
 import dsla  # noqa: E402,F401  (registers the backbone and the built-in datasets)
-from dsla.analysis import exit_on_user_error, ground_truth_of, load_config  # noqa: E402
+from dsla.analysis import ground_truth_of  # noqa: E402
+from dsla.cli import exit_on_user_error, load_config  # noqa: E402
 from dsla.assignment import (  # noqa: E402
     assign_smooth_labels,
     level_point_info,

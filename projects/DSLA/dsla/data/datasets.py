@@ -7,7 +7,6 @@ with the offending path in the message, and boxes the loss cannot use are clippe
 datasets (``shapes.py``) load through the same ``load_coco_dataset``.
 """
 import logging
-import os
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
