@@ -1,7 +1,8 @@
 """Run every benchmark (``make benchmark``), then copy their tables into docs/BENCHMARKS.md.
 
-Order: accuracy first (hours on a 2-core CPU; resumable with the same command), so that the
-speed benchmark can time the trained shapes detectors; then speed, then assignment. Each runs in
+Order: the DSLA-vs-FCOS comparison first (hours on a 2-core CPU; cached per run, so the same
+command completes an interrupted one), so that the speed benchmark can time the trained shapes
+detectors; then speed, then assignment. Each runs in
 its own subprocess, so one failing does not stop the others; the exit code says if any failed.
 
     python benchmarks/run_all.py                        # everything, full settings
@@ -21,10 +22,10 @@ from common import (  # noqa: E402
     REPO, RESULTS_DIR, display_path, log, python_command, thread_env,
 )
 
-BENCHMARKS = ("accuracy", "speed", "assignment")
+BENCHMARKS = ("comparison", "speed", "assignment")
 # Tiny settings that exercise every code path in a few minutes (numbers are meaningless).
 QUICK_ARGS = {
-    "accuracy": ["--iters", "5", "--seeds", "0"],
+    "comparison": ["--quick"],
     "speed": ["--settings", "shapes", "--warmup", "1", "--train-iters", "2",
               "--infer-iters", "2"],
     "assignment": ["--boxes", "10", "100", "--repeats", "2"],
@@ -37,10 +38,8 @@ def benchmark_command(name: str, args) -> list:
     extra = ["--output-dir", args.output_dir]
     if args.threads:
         extra += ["--threads", str(args.threads)]
-    if name == "accuracy":
-        extra.append("--resume-existing")  # an interrupted `make benchmark` continues
     if name == "speed":
-        # Time the detectors that this accuracy run trained (when they exist).
+        # Time the detectors that the comparison trained (when they exist).
         extra += ["--shapes-weights-dir", os.path.join(args.output_dir, "runs")]
     return python_command(f"{name}.py", *(QUICK_ARGS[name] if args.quick else []), *extra)
 

@@ -4,7 +4,7 @@ Two settings:
 
 * ``shapes``: the built-in CPU config (``configs/Shapes/*_R_18_FPN_cpu.yaml``: 256 px shapes
   images, R-18-GN, training batch 8), real images of ``shapes_train`` / ``shapes_val``; weights of
-  the accuracy benchmark's seed-0 runs when they exist (trained detectors do realistic amounts of
+  the comparison benchmark's seed-0 runs on ``shapes`` when they exist (trained detectors do realistic amounts of
   post-processing), else the configs' random initialisation.
 * ``coco``: ``configs/COCO-Detection/{dsla,fcos}_R_50_FPN_1x.yaml`` at 800×1333 with
   ``MODEL.WEIGHTS ""`` (random init, nothing to download), training batch 2 of synthetic images
@@ -184,8 +184,10 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], warmup: int,
 
 
 def shapes_weights(weights_dir: str) -> Dict[str, Optional[str]]:
-    """Seed-0 weights of the accuracy benchmark for both models, or None for both (random init)."""
-    paths = {m: os.path.join(weights_dir, f"{m}_seed0", "model_final.pth") for m in MODELS}
+    """Seed-0 weights of the comparison benchmark for both models, or None for both (random
+    init)."""
+    paths = {m: os.path.join(weights_dir, "shapes", m, "seed0_x1", "model_final.pth")
+             for m in MODELS}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
     return {m: None for m in MODELS}
@@ -346,7 +348,7 @@ def render_markdown(result: Dict) -> str:
     text += markdown_table(header, rows)
     for name, r in result["settings"].items():
         dets = {m: r["infer"][m]["detections_per_image"] for m in MODELS}
-        weights = "random init" if r["weights"]["dsla"] is None else "trained (accuracy runs)"
+        weights = "random init" if r["weights"]["dsla"] is None else "trained (comparison runs)"
         text += (f"\n{name}: weights {weights}; detections per image after NMS: "
                  f"DSLA {dets['dsla']:.1f}, FCOS {dets['fcos']:.1f}.\n")
     text += "\nTargets:\n\n"
@@ -370,7 +372,8 @@ def parse_args(argv=None):
     parser.add_argument("--infer-iters", type=int, default=None, help="timed inference calls")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--shapes-weights-dir", default=os.path.join(RESULTS_DIR, "runs"),
-                        help="where accuracy.py's <model>_seed0/model_final.pth are looked up")
+                        help="where comparison.py's shapes/<model>/seed0_x1/model_final.pth are "
+                        "looked up")
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     parser.add_argument("--memory-worker", metavar="JSON", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

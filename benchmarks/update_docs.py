@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, RESULTS_DIR, display_path, log  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
-SECTIONS = ("accuracy", "speed", "assignment")
+SECTIONS = ("comparison", "speed", "assignment")
 NOT_RUN = "_Not run yet: run the command above; its table lands here._\n"
 
 
@@ -25,9 +25,9 @@ def section_text(name: str, results_dir: str = RESULTS_DIR) -> str:
         return NOT_RUN
     with open(path) as f:
         text = f.read()
-    # accuracy.md links its plots relative to results/; the doc lives in docs/.
+    # comparison.md links its plots relative to results/; the doc lives in docs/.
     rel = os.path.relpath(results_dir, os.path.dirname(DOC))
-    return re.sub(r"\]\((consistency_[^)]+\.png)\)", rf"]({rel}/\1)", text)
+    return re.sub(r"\]\(([a-z_]+\.png)\)", rf"]({rel}/\1)", text)
 
 
 def update_docs(results_dir: str = RESULTS_DIR, doc: str = DOC) -> None:

@@ -34,8 +34,10 @@ __all__ = [
     "correlations_by_rule",
     "ground_truth_of",
     "match_detections",
+    "nms_localisation_gap",
     "pearson",
     "spearman",
+    "summarize_nms_gap",
 ]
 
 MATCHING_RULE = (
@@ -220,3 +222,69 @@ class ScoreIoUEvaluator(DatasetEvaluator):
         table = np.concatenate(rows, axis=0) if rows else np.zeros((0, 3))
         self.scores, self.ious, self.classes = table[:, 0], table[:, 1], table[:, 2].astype(int)
         return {"consistency": correlations_by_rule(self.scores, self.ious)}
+
+
+# ----------------------------------------------------------------------------------------------
+# What NMS keeps: the paper's claim that IoU-coupled scores rank boxes by localisation quality.
+# ----------------------------------------------------------------------------------------------
+
+
+def nms_localisation_gap(
+    cand_boxes: torch.Tensor,
+    cand_scores: torch.Tensor,
+    cand_classes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_classes: torch.Tensor,
+    iou_threshold: float = 0.5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    For each ground-truth box, among the pre-NMS candidates of its class that overlap it with
+    IoU >= ``iou_threshold``: the IoU of the highest-scoring one (the one NMS keeps: no
+    candidate of that cluster outranks it) and the best IoU among them. If scores ranked boxes
+    by localisation quality, the two would be equal.
+
+    Args:
+        cand_boxes (Tensor[D, 4]): candidates before NMS, xyxy; cand_scores (Tensor[D]);
+            cand_classes (Tensor[D] long).
+        gt_boxes (Tensor[G, 4]) xyxy, gt_classes (Tensor[G] long): same coordinates.
+        iou_threshold: IoU for a candidate to count as a detection of the box.
+
+    Returns:
+        kept_iou, best_iou (Tensor[G] float): NaN for boxes without such a candidate. Among
+        equal scores the lower candidate index is taken as kept.
+    """
+    num_gt = gt_boxes.shape[0]
+    nan = torch.full((num_gt,), float("nan"))
+    if num_gt == 0 or cand_boxes.shape[0] == 0:
+        return nan, nan.clone()
+    iou = pairwise_iou(Boxes(gt_boxes.float()), Boxes(cand_boxes.float()))  # [G, D]
+    valid = (iou >= iou_threshold) & (gt_classes[:, None] == cand_classes[None, :])
+    masked = torch.where(valid, cand_scores[None, :].float(), torch.tensor(-float("inf")))
+    kept = iou.gather(1, masked.argmax(dim=1, keepdim=True)).squeeze(1)
+    best = torch.where(valid, iou, torch.zeros_like(iou)).max(dim=1).values
+    has = valid.any(dim=1)
+    return torch.where(has, kept, nan), torch.where(has, best, nan)
+
+
+def summarize_nms_gap(kept_iou: torch.Tensor, best_iou: torch.Tensor,
+                      worse_by: float = 0.05) -> Dict:
+    """
+    Args:
+        kept_iou, best_iou (Tensor[G]): :func:`nms_localisation_gap` outputs over a dataset.
+        worse_by: IoU margin for the fraction of boxes whose kept candidate is clearly worse.
+
+    Returns:
+        dict: ``num_gt``, ``num_gt_with_candidates``, ``mean_iou_lost`` (mean of best - kept
+        over boxes with candidates), ``fraction_worse_0.05`` (of those boxes), ``mean_kept_iou``.
+    """
+    has = ~torch.isnan(best_iou)
+    lost = (best_iou - kept_iou)[has].double()
+    n = int(has.sum())
+    return {
+        "num_gt": int(best_iou.numel()),
+        "num_gt_with_candidates": n,
+        "mean_iou_lost": float(lost.mean()) if n else None,
+        f"fraction_worse_{worse_by:g}": float((lost >= worse_by - 1e-12).double().mean()) if n
+        else None,
+        "mean_kept_iou": float(kept_iou[has].double().mean()) if n else None,
+    }

@@ -10,7 +10,7 @@ import detectron2.modeling.backbone.resnet as d2_resnet
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
 
 from .layers import DeformConv2d, ModulatedDeformConv2d
 
@@ -28,9 +28,12 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     # detectron2's DeformBottleneckBlock (MODEL.RESNETS.DEFORM_ON_PER_STAGE) looks these two
     # names up when it is built; give it the torchvision-backed ones (same parameters and keys).
-    with mock.patch.multiple(d2_resnet, DeformConv=DeformConv2d,
-                             ModulatedDeformConv=ModulatedDeformConv2d):
-        bottom_up = build_resnet_backbone(cfg, input_shape)
+    if cfg.MODEL.RESNETS.DEPTH in (18, 34) and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS != 64:
+        bottom_up = build_basic_block_resnet(cfg, input_shape)
+    else:
+        with mock.patch.multiple(d2_resnet, DeformConv=DeformConv2d,
+                                 ModulatedDeformConv=ModulatedDeformConv2d):
+            bottom_up = build_resnet_backbone(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     fpn = FPN(
         bottom_up=bottom_up,
@@ -44,3 +47,30 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     # the padded size / stride; detectron2's FPN would pad to the last *input* stride (32).
     fpn._size_divisibility = fpn._out_feature_strides[fpn._out_features[-1]]
     return fpn
+
+
+def build_basic_block_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+    """
+    ResNet-18/34 of any width, from detectron2's ``BasicStem`` and ``ResNet.make_stage``.
+
+    detectron2's ``build_resnet_backbone`` fixes ``RES2_OUT_CHANNELS`` at 64 for these depths;
+    the from-scratch CPU configs use a narrower network (``RES2_OUT_CHANNELS: 32``, stem
+    ``STEM_OUT_CHANNELS: 32``), about 3x faster per iteration on a CPU. Channels double at every
+    stage, as in the standard network.
+
+    Returns:
+        ResNet with the outputs ``MODEL.RESNETS.OUT_FEATURES``.
+    """
+    r = cfg.MODEL.RESNETS
+    blocks_per_stage = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[r.DEPTH]
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS,
+                     norm=r.NORM)
+    in_channels, out_channels, stages = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, []
+    for i, num_blocks in enumerate(blocks_per_stage):
+        first_stride = 1 if i == 0 else 2
+        stages.append(ResNet.make_stage(
+            BasicBlock, num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+            in_channels=in_channels, out_channels=out_channels, norm=r.NORM))
+        in_channels, out_channels = out_channels, out_channels * 2
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES,
+                  freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)

@@ -1,23 +1,37 @@
-"""Built-in synthetic detection dataset "shapes", generated once to disk in COCO format.
+"""Built-in synthetic detection datasets ("shapes"), generated once to disk in COCO format.
 
-Each square image (``image_size``, default 256 px) shows 0-8 filled shapes of six classes
-(``SHAPES_CLASSES``) on a cluttered background. It is small enough to train on two CPU cores and
-hard enough that label-assignment schemes differ:
+Two *styles* of the same generator are registered (``STYLES``); both draw filled shapes on a
+cluttered background in square 256 px images, and differ in their statistics:
 
-* similar classes: circle vs. ellipse (minor/major axis up to 0.8), ring vs. circle (the hole
-  shows the background), square vs. unannotated bars; every class gets every colour and texture
-  (solid, stripes, gradient, speckle), so only the outline tells the class;
-* clutter that is NOT annotated: low-frequency blotches, lines (a few drawn over the objects),
-  irregular blobs and bars of object-like size, Gaussian noise, JPEG artefacts;
-* overlap: shapes are drawn largest first, so smaller ones partly cover larger ones; a placement
-  is rejected if its box would cover more than half of an earlier box, which keeps every
-  annotated object recognisable;
-* boxes are the FULL geometric extent of each shape (the bounds of its outline), also where it is
-  partly covered, never the visible extent; shapes always lie entirely inside the image;
-* sizes (longer box side) are log-uniform in [8, 0.94 * image_size] px. With FCOS-style regress
-  ranges [[0,16],[16,32],[32,64],[64,128],[128,inf]] on strides 8-128, a box of side s has point
-  measures max(l,t,r,b) in [s/2, s], so every level gets objects;
-* a fixed fraction of images (default 7 %) has no object, only clutter.
+``demo`` (``shapes_train`` / ``shapes_val``, what ``make demo`` trains on) is designed so that a
+detector trained from scratch on two CPU cores converges within the demo's budget (about eight
+minutes of training) to a model that visibly finds the objects, while keeping what makes the data
+useful for comparing label assignments:
+
+* four classes with distinct outlines (circle, square, triangle, cross); no look-alike pairs
+  (an earlier version with circle vs. ellipse of axis ratio up to 0.8, ring vs. circle and
+  stripe/speckle textures could not be learnt to a useful AP in that budget);
+* object sizes (longer box side) log-uniform in [12, 0.9 * image size] px: with the CPU configs'
+  regress ranges [[0,16],[16,32],[32,64],[64,128],[128,inf]] on strides 8-128, a box of side s
+  has point measures max(l,t,r,b) in [s/2, s], so every FPN level gets objects (12 px, not 8 px:
+  at 8 px a shape is a few blurred pixels that even a converged model cannot classify);
+* overlap: 1-6 objects per image drawn largest first, so smaller ones partly cover larger ones;
+  a placement is rejected if it would cover more than 40 % of an earlier box;
+* unannotated clutter: low-frequency background blotches, 0-3 irregular blobs or bars of
+  object-like size, 1-5 thin lines (some over the objects), Gaussian noise, JPEG artefacts;
+* 7 % of the images have no object (only clutter): negatives for every point;
+* 1000 training and 150 validation images (about 15 s to generate).
+
+``crowded`` (``shapes_crowded_train`` / ``shapes_crowded_val``) is the second dataset of the
+benchmarks, chosen before any comparison was run to differ from ``demo`` where label assignment
+matters: five classes including look-alikes (ellipse with axis ratio 0.45-0.7 next to the ring
+and the other shapes), 4-12 objects per image, heavier overlap (60 % of an earlier box), mostly
+small and medium objects (10-160 px), all four textures (solid, stripes, gradient, speckle) and
+more clutter.
+
+Boxes are the FULL geometric extent of each shape (the bounds of its outline), also where it is
+partly covered, never the visible extent; shapes always lie entirely inside the image. Every
+class gets every colour and texture of its style, so only the outline tells the class.
 
 Layout on disk (``root`` from ``default_shapes_root``)::
 
@@ -30,6 +44,7 @@ deleted by a later generation once an hour old), and two processes generating at
 ranks of a first multi-GPU run) each write their own copy; the first rename wins and the other
 copy (identical, generation is deterministic) is discarded.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -46,11 +61,14 @@ from PIL import Image, ImageDraw
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..errors import UserError
 from .datasets import load_coco_dataset
 
 __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_SPLITS",
+    "STYLES",
+    "ShapesStyle",
     "default_shapes_root",
     "generate_shapes_dataset",
     "register_shapes_datasets",
@@ -59,22 +77,56 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHAPES_CLASSES = ("circle", "ellipse", "square", "triangle", "ring", "cross")
-# Registered name -> split directory, image count and seed. val has its own seed, so no val image
-# repeats a train image.
+
+@dataclasses.dataclass(frozen=True)
+class ShapesStyle:
+    """
+    Statistics of a shapes dataset. Ranges are inclusive ``(lo, hi)``; sizes are the longer box
+    side in pixels; fractions are of the image size or of an earlier box's area.
+    """
+
+    classes: Tuple[str, ...]
+    object_size: Tuple[float, float]  # lo px, hi as a fraction of the image size
+    objects_per_image: Tuple[int, int]  # in a non-empty image (fewer if there is no room)
+    max_covered_fraction: float  # of an earlier box that a later (upper) box may cover
+    textures: Tuple[str, ...]  # of "solid", "stripes", "gradient", "speckle"
+    ellipse_ratio: Tuple[float, float]  # minor / major axis of "ellipse"
+    distractors: Tuple[int, int]  # unannotated blobs / bars per image
+    lines: Tuple[int, int]  # thin lines per image (background and over the objects)
+    noise_sigma: Tuple[float, float]  # Gaussian pixel noise
+    lines_over_objects: Tuple[int, int]  # thin lines drawn after the objects (partial occluders)
+
+
+STYLES = {
+    "demo": ShapesStyle(
+        classes=("circle", "square", "triangle", "cross"),
+        object_size=(16.0, 0.8), objects_per_image=(1, 5), max_covered_fraction=0.25,
+        textures=("solid", "gradient"), ellipse_ratio=(0.45, 0.7), distractors=(0, 2),
+        lines=(1, 4), noise_sigma=(2.0, 5.0), lines_over_objects=(0, 1),
+    ),
+    "crowded": ShapesStyle(
+        classes=("ellipse", "square", "triangle", "ring", "cross"),
+        object_size=(10.0, 160.0 / 256), objects_per_image=(4, 12), max_covered_fraction=0.6,
+        textures=("solid", "stripes", "gradient", "speckle"), ellipse_ratio=(0.45, 0.7),
+        distractors=(1, 6), lines=(2, 8), noise_sigma=(2.0, 10.0), lines_over_objects=(0, 2),
+    ),
+}
+SHAPES_CLASSES = STYLES["demo"].classes
+# Registered name -> split directory, image count, seed and style. val has its own seed, so no
+# val image repeats a train image.
 SHAPES_SPLITS = {
-    "shapes_train": {"split": "train", "num_images": 1000, "seed": 0},
-    "shapes_val": {"split": "val", "num_images": 150, "seed": 1},
+    "shapes_train": {"split": "train", "num_images": 1000, "seed": 0, "style": "demo"},
+    "shapes_val": {"split": "val", "num_images": 150, "seed": 1, "style": "demo"},
+    "shapes_crowded_train": {"split": "crowded_train", "num_images": 1000, "seed": 2,
+                             "style": "crowded"},
+    "shapes_crowded_val": {"split": "crowded_val", "num_images": 150, "seed": 3,
+                           "style": "crowded"},
 }
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_EMPTY_FRACTION = 0.07
 # Bump when the drawing code changes: an existing split with another version is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-MIN_OBJECT_SIZE = 8.0  # px, longer box side; P3's range [0, 16] needs sides of about 8-32 px
-MAX_OBJECT_FRACTION = 0.94  # of image_size; leaves room to place the largest shapes
-MAX_OBJECTS = 8
-MAX_COVERED_FRACTION = 0.5  # of an earlier box that a later (upper) box may cover
 PLACEMENT_TRIES = 20
 SUPERSAMPLE = 2  # outlines are rasterised at 2x and averaged down for anti-aliased edges
 JPEG_QUALITY = 90
@@ -125,13 +177,13 @@ def _ellipse_polygon(ratio: float = 1.0, n: int = 64) -> np.ndarray:
     return np.stack([np.cos(t), ratio * np.sin(t)], axis=1)
 
 
-def _class_outline(rng: np.random.Generator, cls: str) -> List[Tuple[np.ndarray, int]]:
+def _class_outline(rng: np.random.Generator, cls: str,
+                   style: ShapesStyle) -> List[Tuple[np.ndarray, int]]:
     """Unit-size outline of a class, before rotation and scaling."""
     if cls == "circle":
         return [(_ellipse_polygon(), 255)]
     if cls == "ellipse":
-        # 0.8 makes some ellipses hard to tell from circles, on purpose.
-        return [(_ellipse_polygon(rng.uniform(0.45, 0.8)), 255)]
+        return [(_ellipse_polygon(rng.uniform(*style.ellipse_ratio)), 255)]
     if cls == "square":
         return [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float), 255)]
     if cls == "triangle":
@@ -186,18 +238,19 @@ def _outline_area(outline) -> float:
     return area
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np.ndarray:
-    """(h, w, 3) float fill: solid, stripes, gradient or speckle, independent of the class."""
-    kind = int(rng.integers(4))
-    if kind == 0:
+def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray,
+             textures: Tuple[str, ...]) -> np.ndarray:
+    """(h, w, 3) float fill of one of ``textures``, independent of the class."""
+    kind = textures[int(rng.integers(len(textures)))]
+    if kind == "solid":
         return np.broadcast_to(colour, (h, w, 3))
     second = rng.uniform(0, 255, 3)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a = rng.uniform(0, np.pi)
     proj = xx * np.cos(a) + yy * np.sin(a)
-    if kind == 1:
+    if kind == "stripes":
         t = (np.floor(proj / rng.uniform(1.5, 5.0)) % 2) * rng.uniform(0.3, 0.8)
-    elif kind == 2:
+    elif kind == "gradient":
         t = (proj - proj.min()) / max(float(np.ptp(proj)), 1.0) * rng.uniform(0.3, 0.9)
     else:
         t = rng.random((h, w)) * rng.uniform(0.2, 0.6)
@@ -205,7 +258,8 @@ def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np
     return colour * (1 - t) + second * t
 
 
-def _paste(rng, image: np.ndarray, outline, cx: float, cy: float, colour=None) -> None:
+def _paste(rng, image: np.ndarray, outline, cx: float, cy: float,
+           textures: Tuple[str, ...]) -> None:
     """Alpha-composite a textured outline centred at (cx, cy) into ``image`` (H, W, 3) in place."""
     pts = np.concatenate([p for p, _ in outline]) + (cx, cy)
     height, width = image.shape[:2]
@@ -221,9 +275,8 @@ def _paste(rng, image: np.ndarray, outline, cx: float, cy: float, colour=None) -
         draw.polygon([tuple(p) for p in local], fill=fill)
     alpha = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)[..., None] / 255.0
     region = image[y0:y1, x0:x1]
-    if colour is None:
-        colour = _contrasting_colour(rng, region.reshape(-1, 3).mean(axis=0))
-    texture = _texture(rng, y1 - y0, x1 - x0, colour)
+    colour = _contrasting_colour(rng, region.reshape(-1, 3).mean(axis=0))
+    texture = _texture(rng, y1 - y0, x1 - x0, colour, textures)
     image[y0:y1, x0:x1] = region * (1 - alpha) + texture * alpha
 
 
@@ -259,48 +312,54 @@ def _draw_lines(rng: np.random.Generator, image: np.ndarray, count: int) -> np.n
     return np.asarray(pil, dtype=np.float32).copy()
 
 
-def _add_clutter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def _add_clutter(rng: np.random.Generator, image: np.ndarray, style: ShapesStyle) -> np.ndarray:
     """Background lines and unannotated distractors of object-like size (6-48 px)."""
-    image = _draw_lines(rng, image, int(rng.integers(2, 10)))
+    image = _draw_lines(rng, image, _randint(rng, style.lines))
     size = image.shape[0]
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(_randint(rng, style.distractors)):
         side = math.exp(rng.uniform(math.log(6), math.log(min(48, size / 2))))
         outline, (w, h) = _fit_outline(_distractor_outline(rng), rng.uniform(0, 180), side)
         cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
-        _paste(rng, image, outline, cx, cy)
+        _paste(rng, image, outline, cx, cy, style.textures)
     return image
 
 
-def _covers_too_much(box: np.ndarray, earlier: List[np.ndarray]) -> bool:
+def _randint(rng: np.random.Generator, bounds: Tuple[int, int]) -> int:
+    """A uniform integer in the inclusive range ``bounds``."""
+    return int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def _covers_too_much(box: np.ndarray, earlier: List[np.ndarray], max_fraction: float) -> bool:
     """Whether ``box`` (XYXY, drawn on top) would hide more than allowed of any earlier box."""
     for other in earlier:
         iw = min(box[2], other[2]) - max(box[0], other[0])
         ih = min(box[3], other[3]) - max(box[1], other[1])
         other_area = (other[2] - other[0]) * (other[3] - other[1])
-        if iw > 0 and ih > 0 and iw * ih > MAX_COVERED_FRACTION * other_area:
+        if iw > 0 and ih > 0 and iw * ih > max_fraction * other_area:
             return True
     return False
 
 
-def _place_objects(rng: np.random.Generator, image: np.ndarray, num_objects: int) -> List[Dict]:
+def _place_objects(rng: np.random.Generator, image: np.ndarray, num_objects: int,
+                   style: ShapesStyle) -> List[Dict]:
     """Draw up to ``num_objects`` shapes largest first; returns their COCO annotations."""
     size = image.shape[0]
-    max_side = MAX_OBJECT_FRACTION * size
-    sides = np.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(max_side), num_objects))
+    min_side, max_side = style.object_size[0], style.object_size[1] * size
+    sides = np.exp(rng.uniform(math.log(min_side), math.log(max_side), num_objects))
     annotations, boxes = [], []
     for side in np.sort(sides)[::-1]:  # largest first: small shapes stay on top, visible
-        label = int(rng.integers(len(SHAPES_CLASSES)))
-        cls = SHAPES_CLASSES[label]
+        label = int(rng.integers(len(style.classes)))
+        cls = style.classes[label]
         angle = rng.uniform(-1, 1) * _MAX_ROTATION[cls]
-        outline, (w, h) = _fit_outline(_class_outline(rng, cls), angle, side)
+        outline, (w, h) = _fit_outline(_class_outline(rng, cls, style), angle, side)
         for _ in range(PLACEMENT_TRIES):
             cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
             box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-            if not _covers_too_much(box, boxes):
+            if not _covers_too_much(box, boxes, style.max_covered_fraction):
                 break
         else:
             continue  # no room left for this one
-        _paste(rng, image, outline, cx, cy)
+        _paste(rng, image, outline, cx, cy, style.textures)
         boxes.append(box)
         # Full extent, clamped against float round-off; COCO XYWH with 2 decimals.
         x0, y0, x1, y1 = np.clip(box, 0, size)
@@ -314,7 +373,7 @@ def _place_objects(rng: np.random.Generator, image: np.ndarray, num_objects: int
 
 
 def render_shapes_image(
-    rng: np.random.Generator, image_size: int, num_objects: int
+    rng: np.random.Generator, image_size: int, num_objects: int, style: str = "demo"
 ) -> Tuple[np.ndarray, List[Dict]]:
     """
     Draw one shapes image.
@@ -324,16 +383,18 @@ def render_shapes_image(
         image_size: side of the square image in pixels.
         num_objects: shapes to try to place (fewer when there is no room); 0 for a clutter-only
             image.
+        style: a key of ``STYLES``.
 
     Returns:
         (image, annotations): uint8 array (image_size, image_size, 3) RGB, and COCO annotation
         dicts with 1-based ``category_id``, ``bbox`` (XYWH, full extent), ``area``, ``iscrowd``.
     """
-    image = _add_clutter(rng, _background(rng, image_size))
-    annotations = _place_objects(rng, image, num_objects)
+    spec = STYLES[style]
+    image = _add_clutter(rng, _background(rng, image_size), spec)
+    annotations = _place_objects(rng, image, num_objects, spec)
     # A few lines over the objects: thin partial occluders that are not objects.
-    image = _draw_lines(rng, image, int(rng.integers(0, 3)))
-    image += rng.normal(0, rng.uniform(2, 12), image.shape).astype(np.float32)
+    image = _draw_lines(rng, image, _randint(rng, spec.lines_over_objects))
+    image += rng.normal(0, rng.uniform(*spec.noise_sigma), image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), annotations
 
 
@@ -345,6 +406,7 @@ def render_shapes_image(
 def _write_split(directory: str, params: Dict) -> None:
     """Render all images of a split into ``directory`` and write its annotations.json."""
     n, seed, size = params["num_images"], params["seed"], params["image_size"]
+    style = STYLES[params["style"]]
     os.makedirs(os.path.join(directory, "images"))
     num_empty = int(round(params["empty_fraction"] * n))
     empty = set(np.random.default_rng(seed).permutation(n)[:num_empty].tolist())
@@ -352,8 +414,8 @@ def _write_split(directory: str, params: Dict) -> None:
     for i in range(n):
         # One generator per image: an image does not depend on the ones before it.
         rng = np.random.default_rng((seed, i))
-        num_objects = 0 if i in empty else int(rng.integers(1, MAX_OBJECTS + 1))
-        pixels, annos = render_shapes_image(rng, size, num_objects)
+        num_objects = 0 if i in empty else _randint(rng, style.objects_per_image)
+        pixels, annos = render_shapes_image(rng, size, num_objects, params["style"])
         file_name = f"{i:06d}.jpg"
         Image.fromarray(pixels).save(
             os.path.join(directory, "images", file_name), quality=JPEG_QUALITY
@@ -363,7 +425,7 @@ def _write_split(directory: str, params: Dict) -> None:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, **anno})
     categories = [
         {"id": k + 1, "name": name, "supercategory": "shape"}
-        for k, name in enumerate(SHAPES_CLASSES)
+        for k, name in enumerate(style.classes)
     ]
     coco = {"info": {"description": "DSLA synthetic shapes", "dsla_shapes": params},
             "images": images, "annotations": annotations, "categories": categories}
@@ -428,6 +490,7 @@ def generate_shapes_dataset(
     seed: int,
     image_size: int = DEFAULT_IMAGE_SIZE,
     empty_fraction: float = DEFAULT_EMPTY_FRACTION,
+    style: str = "demo",
 ) -> Tuple[str, str]:
     """
     Generate one split of the shapes dataset under ``root`` unless it is there already.
@@ -442,13 +505,17 @@ def generate_shapes_dataset(
         seed: random seed of the split.
         image_size: side of the square images in pixels.
         empty_fraction: fraction of images without objects (rounded to a whole count).
+        style: a key of ``STYLES`` (the dataset's statistics; recorded in the json with them).
 
     Returns:
         (json_file, image_root) of the split.
     """
+    if style not in STYLES:
+        raise UserError(f"unknown shapes style {style!r}: use one of {sorted(STYLES)}")
     params = {"version": GENERATOR_VERSION, "split": split, "num_images": int(num_images),
               "seed": int(seed), "image_size": int(image_size),
-              "empty_fraction": float(empty_fraction)}
+              "empty_fraction": float(empty_fraction), "style": style,
+              "style_settings": json.loads(json.dumps(dataclasses.asdict(STYLES[style])))}
     final = os.path.join(root, split)
     if _read_params(final) != params:
         os.makedirs(root, exist_ok=True)
@@ -486,7 +553,8 @@ def register_shapes_datasets(root: Optional[str] = None, splits: Optional[Dict] 
     Args:
         root: shapes root; default ``default_shapes_root()`` (read now, not at load time).
         splits: name -> keyword arguments of ``generate_shapes_dataset`` except ``root``;
-            default ``SHAPES_SPLITS`` (``shapes_train``, ``shapes_val``).
+            default ``SHAPES_SPLITS`` (``shapes_train``, ``shapes_val`` and the ``crowded``
+            style's ``shapes_crowded_train``, ``shapes_crowded_val``).
     """
     root = default_shapes_root() if root is None else root
     splits = SHAPES_SPLITS if splits is None else splits
@@ -496,10 +564,11 @@ def register_shapes_datasets(root: Optional[str] = None, splits: Optional[Dict] 
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         DatasetCatalog.register(name, partial(_load_shapes, name, root, dict(spec)))
+        classes = STYLES[spec.get("style", "demo")].classes
         MetadataCatalog.get(name).set(
-            thing_classes=list(SHAPES_CLASSES),
+            thing_classes=list(classes),
             # Set now (load_coco_json sets the same on load) so an evaluator built first works.
-            thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(SHAPES_CLASSES))},
+            thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(classes))},
             evaluator_type="coco",
             json_file=json_file,
             image_root=image_root,

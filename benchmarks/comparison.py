@@ -1,0 +1,579 @@
+"""DSLA against FCOS: a converged, controlled comparison on the built-in datasets.
+
+The protocol below (``PROTOCOL``) was fixed and committed before any DSLA-vs-FCOS number of it
+was looked at; the data and the recipe are those of ``make demo`` (``configs/Shapes/
+dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move a result.
+
+* **Four detectors**, one config each, same backbone (R-18-GN FPN, 64 channels), widths, data,
+  schedule and seeds; only the meta-architecture / head options differ:
+  ``fcos_plain`` (the FCOS the paper modifies: centerness branch on the classification tower,
+  focal loss, IoU loss, no centre sampling, exp distances, score = cls x centerness),
+  ``fcos`` (detectron2's FCOS: FCOS "with tricks"), ``dsla`` (the authors' R-50 1x head
+  options) and ``dsla_tricks`` (the R-101 / Swin-S head options: GIoU, NORM_ON_BBOX, centre
+  sampling 1.5, conv bias).
+* **Runs** (``PLAN``): on ``shapes`` the four detectors x seeds 0, 1, 2 at the recipe's schedule,
+  each detector once more (seed 0) at 1.5x the schedule (lr steps scaled alike, warm-up
+  unchanged) to show convergence; the ablation ladder (hard labels -> core zone -> relaxation;
+  + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded`` the four detectors x
+  seeds 0, 1 and each once at 1.5x.
+* **Curves**: COCO evaluation after every quarter of the schedule (``EVALS_PER_RUN``).
+* **Metrics** per run: COCO AP, AP50, AP75, APs/m/l of the final model; Spearman rank
+  correlation of score and IoU over the final detections matched to a same-class box; and the
+  NMS claim directly: for each ground-truth box, among the model's pre-NMS candidates of its
+  class with IoU >= 0.5, the IoU of the highest-scoring one (the one NMS keeps) against the best
+  IoU among them: the mean IoU lost and the fraction of boxes losing >= 0.05
+  (``dsla.analysis.nms_localisation_gap``).
+* **Summary**: per detector and dataset, mean and min-max over seeds; per seed the paired
+  differences dsla - fcos_plain and dsla_tricks - fcos; the targets (the paper's claims at our
+  scale): mean DSLA >= mean FCOS-plain + 1.0 AP with DSLA ahead in every seed; mean DSLA-tricks
+  >= mean FCOS (tricks); DSLA's mean IoU lost in NMS smaller than both FCOS variants'; and
+  1.5x the schedule adds at most 1 AP for every detector.
+
+Runs are cached per (dataset, model, seed, schedule) under ``<output-dir>/runs/`` with the hash of
+their full config; a re-run only trains what is missing (an interrupted run resumes from its
+last checkpoint), so the table can be completed over several sittings.
+
+    python benchmarks/comparison.py                      # everything (hours on 2 cores)
+    python benchmarks/comparison.py --jobs 2 --threads 1 # two 1-thread runs at a time
+    python benchmarks/comparison.py --only shapes        # one dataset
+    python benchmarks/comparison.py --status             # what is done, what is missing
+    python benchmarks/comparison.py --report             # tables from the finished runs only
+"""
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    REPO, RESULTS_DIR, TRAIN_NET, display_path, log, machine_info, thread_env, write_results,
+)
+
+SHAPES_DIR = os.path.join(REPO, "configs", "Shapes")
+MODELS = {
+    # name: (config file, overrides, description)
+    "fcos_plain": ("fcos_plain_R_18_FPN_cpu.yaml", [], "FCOS, plain (the paper's baseline)"),
+    "fcos": ("fcos_R_18_FPN_cpu.yaml", [], "FCOS with tricks (detectron2's)"),
+    "dsla": ("dsla_R_18_FPN_cpu.yaml", [], "DSLA (R-50 1x head options)"),
+    "dsla_tricks": ("dsla_tricks_R_18_FPN_cpu.yaml", [],
+                    "DSLA-tricks (R-101 / Swin-S head options)"),
+    "ladder0_hard_labels": ("dsla_R_18_FPN_cpu.yaml",
+                            ["MODEL.DSLA.SMOOTH_LABEL", "False", "MODEL.DSLA.CORE_ZONE", "False",
+                             "MODEL.DSLA.INTERVAL_RELAXATION_FACTOR", "0.0",
+                             "MODEL.DSLA.IOU_COUPLING", "off"],
+                            "rung 0: hard labels (QFL, q* = 1)"),
+    "ladder1_core_zone": ("dsla_R_18_FPN_cpu.yaml",
+                          ["MODEL.DSLA.INTERVAL_RELAXATION_FACTOR", "0.0",
+                           "MODEL.DSLA.IOU_COUPLING", "off"],
+                          "rung 1: + smooth labels with core zone"),
+    "ladder2_relaxation": ("dsla_R_18_FPN_cpu.yaml", ["MODEL.DSLA.IOU_COUPLING", "off"],
+                           "rung 2: + interval relaxation 0.2"),
+}
+MAIN_MODELS = ("fcos_plain", "fcos", "dsla", "dsla_tricks")
+LADDER = ("ladder0_hard_labels", "ladder1_core_zone", "ladder2_relaxation", "dsla")
+DATASETS = {
+    "shapes": ("shapes_train", "shapes_val"),
+    "crowded": ("shapes_crowded_train", "shapes_crowded_val"),
+}
+# (dataset, models, seeds, schedule factor): fixed before any comparison was run.
+PLAN = (
+    ("shapes", MAIN_MODELS, (0, 1, 2), 1.0),
+    ("shapes", MAIN_MODELS, (0,), 1.5),
+    ("shapes", LADDER[:3], (0, 1), 1.0),
+    ("crowded", MAIN_MODELS, (0, 1), 1.0),
+    ("crowded", MAIN_MODELS, (0,), 1.5),
+)
+# A smoke test of every code path (numbers meaningless): 1 % of the schedule, one seed.
+QUICK_PLAN = (("shapes", MAIN_MODELS, (0,), 0.01),)
+EVALS_PER_RUN = 4
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+PAIRS = (("dsla", "fcos_plain"), ("dsla_tricks", "fcos"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run specification and cache.
+# ----------------------------------------------------------------------------------------------
+
+
+def schedule_opts(config_file: str, factor: float) -> List[str]:
+    """
+    The config's schedule times ``factor`` (lr steps scaled alike, warm-up unchanged), with a
+    COCO evaluation after every 1/EVALS_PER_RUN of it.
+    """
+    from dsla.cli import load_config
+
+    solver = load_config(config_file, []).SOLVER
+    max_iter = int(round(solver.MAX_ITER * factor))
+    steps = tuple(int(round(s * factor)) for s in solver.STEPS)
+    return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps),
+            "TEST.EVAL_PERIOD", str(max(max_iter // EVALS_PER_RUN, 1)),
+            "SOLVER.CHECKPOINT_PERIOD", str(max(max_iter // EVALS_PER_RUN, 1))]
+
+
+def run_spec(dataset: str, model: str, seed: int, factor: float, runs_dir: str) -> Dict:
+    """Config, overrides, output directory and config hash of one training run."""
+    config_name, switches, _ = MODELS[model]
+    config = os.path.join(SHAPES_DIR, config_name)
+    train, test = DATASETS[dataset]
+    name = f"seed{seed}_x{factor:g}"
+    run_dir = os.path.join(runs_dir, dataset, model, name)
+    opts = ["SEED", str(seed), "DATASETS.TRAIN", f"('{train}',)",
+            "DATASETS.TEST", f"('{test}',)", *schedule_opts(config, factor), *switches]
+    spec = {"dataset": dataset, "model": model, "seed": seed, "factor": factor,
+            "config": config, "opts": opts, "run_dir": run_dir, "test_set": test}
+    spec["config_hash"] = config_hash(spec)
+    return spec
+
+
+def config_hash(spec: Dict) -> str:
+    """sha256 (16 hex digits) of the run's full config, without its output directory."""
+    from dsla.cli import load_config
+
+    cfg = load_config(spec["config"], spec["opts"] + ["OUTPUT_DIR", ""])
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+
+
+def planned_specs(runs_dir: str, plan=PLAN) -> List[Dict]:
+    """Every run of ``plan``, in plan order."""
+    return [run_spec(d, m, s, f, runs_dir) for d, models, seeds, f in plan
+            for m in models for s in seeds]
+
+
+def read_record(spec: Dict) -> Optional[Dict]:
+    """The run's ``benchmark_run.json`` if it was written for this very config, else None."""
+    path = os.path.join(spec["run_dir"], "benchmark_run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return record if record.get("config_hash") == spec["config_hash"] else None
+
+
+def is_done(spec: Dict) -> bool:
+    record = read_record(spec)
+    return record is not None and record.get("status") == "analysed"
+
+
+def write_record(spec: Dict, **fields) -> Dict:
+    """Merge ``fields`` into the run's record (atomic write) and return it."""
+    record = read_record(spec) or {
+        key: spec[key] for key in ("dataset", "model", "seed", "factor", "config_hash", "opts")}
+    record["config"] = display_path(spec["config"])
+    record.update(fields)
+    os.makedirs(spec["run_dir"], exist_ok=True)
+    path = os.path.join(spec["run_dir"], "benchmark_run.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2, allow_nan=False)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and per-run analysis (each in its own subprocess).
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_logged(cmd: List[str], log_path: str, threads: Optional[int]) -> Dict:
+    """Run ``cmd`` with its output appended to ``log_path``; wall and CPU seconds, exit code."""
+    start = time.perf_counter()
+    with open(log_path, "a") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=thread_env(threads), stdout=out,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+
+
+def train_and_analyse(spec: Dict, threads: Optional[int]) -> bool:
+    """Train (resuming a partial run of the same config), then analyse; True on success."""
+    label = f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
+    record = read_record(spec)
+    if record is None or record.get("status") not in ("trained", "analysed"):
+        resume = record is not None and os.path.isfile(
+            os.path.join(spec["run_dir"], "last_checkpoint"))
+        if record is None and os.path.isdir(spec["run_dir"]):
+            # Another config trained here before: start over rather than mix checkpoints.
+            os.replace(spec["run_dir"], spec["run_dir"] + f".stale-{int(time.time())}")
+        write_record(spec, status="training")
+        log(f"train {label}{' (resume)' if resume else ''}")
+        cmd = [sys.executable, TRAIN_NET, "--config-file", spec["config"],
+                *(["--resume"] if resume else []), *spec["opts"], "OUTPUT_DIR", spec["run_dir"]]
+        result = _run_logged(cmd, os.path.join(spec["run_dir"], "train.log"), threads)
+        if result["returncode"] != 0:
+            write_record(spec, status="failed", train=result)
+            log(f"FAILED {label}: see {display_path(spec['run_dir'])}/train.log")
+            return False
+        write_record(spec, status="trained", train=result, threads=threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--analyse-run", spec["run_dir"],
+           "--test-set", spec["test_set"]]
+    result = _run_logged(cmd, os.path.join(spec["run_dir"], "analysis.log"), threads)
+    if result["returncode"] != 0:
+        log(f"analysis FAILED {label}: see {display_path(spec['run_dir'])}/analysis.log")
+        return False
+    with open(os.path.join(spec["run_dir"], "analysis.json")) as f:
+        write_record(spec, status="analysed", analysis_cost=result, **json.load(f))
+    log(f"done {label}")
+    return True
+
+
+def analyse_run(run_dir: str, test_set: str) -> Dict:
+    """
+    Metrics of a finished run: final COCO numbers, the AP curve from its periodic evaluations,
+    the score-IoU Spearman of its final detections and the NMS localisation gap of its pre-NMS
+    candidates (the model re-run on ``test_set`` with NMS switched off).
+    """
+    from consistency import consistency_of, score_iou_pairs
+
+    with open(os.path.join(run_dir, "eval_results.json")) as f:
+        bbox = json.load(f)["bbox"]
+    scores, ious = score_iou_pairs(run_dir, test_set)
+    return {
+        "bbox": {k: _finite(bbox.get(k)) for k in METRICS},
+        "curve": read_curve(run_dir),
+        "spearman_matched": consistency_of(scores, ious)["spearman_matched"],
+        "nms": nms_gap_of_run(run_dir, test_set),
+    }
+
+
+def read_curve(run_dir: str) -> List[Dict]:
+    """``[{"iter", "AP", "AP50", "AP75"}]`` of every evaluation logged in ``metrics.json``."""
+    curve = []
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "bbox/AP" in row:
+                curve.append({"iter": row["iteration"] + 1,
+                              **{k: _finite(row.get(f"bbox/{k}")) for k in ("AP", "AP50", "AP75")}})
+    return curve
+
+
+def nms_gap_of_run(run_dir: str, test_set: str) -> Dict:
+    """:func:`dsla.analysis.nms_localisation_gap` of the run's final model on ``test_set``."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog, build_detection_test_loader
+    from detectron2.modeling import build_model
+
+    from dsla.analysis import ground_truth_of, nms_localisation_gap, summarize_nms_gap
+    from dsla.cli import load_config
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), [])
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
+    # Keep every candidate: NMS at IoU 1.0 suppresses nothing, and no top-k after it.
+    model.test_nms_thresh, model.max_detections_per_image = 1.0, 10 ** 9
+    records = {r["image_id"]: r for r in DatasetCatalog.get(test_set)}
+    kept, best = [], []
+    with torch.no_grad():
+        for inputs in build_detection_test_loader(cfg, test_set):
+            inst = model(inputs)[0]["instances"].to("cpu")
+            gt_boxes, gt_classes = ground_truth_of(records[inputs[0]["image_id"]])
+            k, b = nms_localisation_gap(inst.pred_boxes.tensor, inst.scores, inst.pred_classes,
+                                        gt_boxes, gt_classes)
+            kept.append(k)
+            best.append(b)
+    return summarize_nms_gap(torch.cat(kept), torch.cat(best))
+
+
+def _finite(value) -> Optional[float]:
+    """JSON-safe metric: None for NaN / missing (COCO reports NaN for empty size ranges)."""
+    return None if value is None or value != value else float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary: statistics over seeds, paired differences, targets.
+# ----------------------------------------------------------------------------------------------
+
+
+def spread(values) -> Dict:
+    """mean / min / max / n of the values that are not None."""
+    import numpy as np
+
+    finite = [float(v) for v in values if v is not None]
+    if not finite:
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(np.mean(finite)), "min": min(finite), "max": max(finite),
+            "n": len(finite)}
+
+
+def group_runs(records: List[Dict]) -> Dict:
+    """``{dataset: {model: {factor: {seed: record}}}}`` of finished runs."""
+    groups: Dict = {}
+    for r in records:
+        key = f"x{r['factor']:g}"
+        groups.setdefault(r["dataset"], {}).setdefault(r["model"], {}).setdefault(key, {})[
+            r["seed"]] = r
+    return groups
+
+
+def summarize_group(runs: Dict[int, Dict]) -> Dict:
+    """Mean and min-max over seeds of every metric of one (dataset, model, schedule)."""
+    rows = list(runs.values())
+    summary = {k: spread(r["bbox"][k] for r in rows) for k in METRICS}
+    summary["spearman_matched"] = spread(r["spearman_matched"] for r in rows)
+    for key in ("mean_iou_lost", "fraction_worse_0.05"):
+        summary[f"nms_{key}"] = spread(r["nms"][key] for r in rows)
+    summary["seeds"] = sorted(runs)
+    return summary
+
+
+def paired_differences(model_runs: Dict, a: str, b: str) -> Optional[Dict]:
+    """Per-seed ``a - b`` of AP and the NMS IoU lost, on the seeds both have at 1x."""
+    runs_a, runs_b = model_runs.get(a, {}).get("x1", {}), model_runs.get(b, {}).get("x1", {})
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        return None
+    diff = {s: {k: _diff(runs_a[s]["bbox"][k], runs_b[s]["bbox"][k]) for k in METRICS}
+            for s in seeds}
+    for s in seeds:
+        diff[s]["nms_mean_iou_lost"] = _diff(runs_a[s]["nms"]["mean_iou_lost"],
+                                             runs_b[s]["nms"]["mean_iou_lost"])
+    return {"seeds": seeds, "per_seed": diff,
+            "AP": spread(diff[s]["AP"] for s in seeds)}
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def convergence(model_runs: Dict) -> Dict:
+    """Per model: AP at 1.5x minus AP at 1x, on the seeds run at both."""
+    out = {}
+    for model, by_factor in model_runs.items():
+        long, base = by_factor.get("x1.5", {}), by_factor.get("x1", {})
+        seeds = sorted(set(long) & set(base))
+        if seeds:
+            out[model] = {s: _diff(long[s]["bbox"]["AP"], base[s]["bbox"]["AP"]) for s in seeds}
+    return out
+
+
+def check_targets(summary: Dict) -> Dict:
+    """The paper's claims at our scale, per dataset: True (met), False (missed), None (not run)."""
+    targets = {}
+    for dataset, data in summary.items():
+        models, pairs = data["models"], data["paired"]
+        t = {}
+        p = pairs.get("dsla-fcos_plain")
+        t["dsla_ge_fcos_plain_plus_1_every_seed"] = None if p is None else bool(
+            p["AP"]["mean"] >= 1.0 and all(d["AP"] > 0 for d in p["per_seed"].values()))
+        p = pairs.get("dsla_tricks-fcos")
+        t["dsla_tricks_ge_fcos"] = None if p is None else bool(p["AP"]["mean"] >= 0)
+        lost = {m: models.get(m, {}).get("x1", {}).get("nms_mean_iou_lost", {}).get("mean")
+                for m in ("dsla", "fcos_plain", "fcos")}
+        t["dsla_nms_iou_lost_below_both_fcos"] = None if None in lost.values() else bool(
+            lost["dsla"] < lost["fcos_plain"] and lost["dsla"] < lost["fcos"])
+        gains = [g for per_seed in data["convergence"].values() for g in per_seed.values()]
+        complete = set(data["convergence"]) >= set(MAIN_MODELS)
+        t["converged_1p5x_adds_at_most_1_ap"] = None if not complete else bool(
+            all(g is not None and g <= 1.0 for g in gains))
+        targets[dataset] = t
+    return targets
+
+
+def summarize(records: List[Dict]) -> Dict:
+    """Everything the report needs, from the finished run records."""
+    summary = {}
+    for dataset, model_runs in group_runs(records).items():
+        summary[dataset] = {
+            "models": {m: {f: summarize_group(runs) for f, runs in by_factor.items()}
+                       for m, by_factor in model_runs.items()},
+            "paired": {f"{a}-{b}": p for a, b in PAIRS
+                       if (p := paired_differences(model_runs, a, b)) is not None},
+            "convergence": convergence(model_runs),
+        }
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: Markdown tables and the AP-vs-iteration curves.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(stats: Dict, digits: int = 1, scale: float = 1.0) -> str:
+    """``mean (min–max)`` of a :func:`spread` dict."""
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    m, lo, hi = (stats[k] * scale for k in ("mean", "min", "max"))
+    return f"{m:.{digits}f}" if stats["n"] == 1 else f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def model_table(data: Dict, models, factor: str = "x1") -> str:
+    """One row per model: COCO metrics, Spearman, NMS IoU lost, fraction losing >= 0.05."""
+    header = ["model", "seeds", *METRICS, "Spearman", "NMS IoU lost", "NMS ≥0.05 worse"]
+    rows = []
+    for m in models:
+        s = data["models"].get(m, {}).get(factor)
+        if s is None:
+            continue
+        rows.append([MODELS[m][2], len(s["seeds"]), *(_fmt(s[k]) for k in METRICS),
+                     _fmt(s["spearman_matched"], 3), _fmt(s["nms_mean_iou_lost"], 3),
+                     _fmt(s["nms_fraction_worse_0.05"], 1, 100) + " %"])
+    return _table(header, rows)
+
+
+def paired_table(data: Dict) -> str:
+    """Per-seed AP differences of the two pairs, and their mean (min–max)."""
+    rows = []
+    for name, p in data["paired"].items():
+        per_seed = ", ".join(f"seed {s}: {d['AP']:+.1f}" for s, d in p["per_seed"].items())
+        rows.append([name.replace("-", " − "), per_seed, _fmt(p["AP"])])
+    return _table(["difference", "AP per seed", "mean (min–max)"], rows)
+
+
+def convergence_table(data: Dict) -> str:
+    rows = []
+    for m, per_seed in data["convergence"].items():
+        base = data["models"][m]["x1"]["AP"]["mean"]
+        for s, gain in per_seed.items():
+            rows.append([MODELS[m][2], s, f"{gain:+.1f}" if gain is not None else "n/a"])
+    return _table(["model", "seed", "AP(1.5×) − AP(1×)"], rows)
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
+
+
+TARGET_TEXT = {
+    "dsla_ge_fcos_plain_plus_1_every_seed": "mean DSLA ≥ mean FCOS-plain + 1.0 AP, DSLA ahead in "
+                                            "every seed",
+    "dsla_tricks_ge_fcos": "mean DSLA-tricks ≥ mean FCOS (tricks)",
+    "dsla_nms_iou_lost_below_both_fcos": "DSLA's mean IoU lost in NMS < both FCOS variants'",
+    "converged_1p5x_adds_at_most_1_ap": "1.5× the schedule adds ≤ 1 AP (every detector)",
+}
+
+
+def render_markdown(result: Dict) -> str:
+    """comparison.md: per dataset the model table, paired differences, convergence, targets."""
+    text = ""
+    for dataset, data in result["summary"].items():
+        train, test = DATASETS[dataset]
+        text += f"\n#### `{train}` → `{test}`\n\n"
+        text += model_table(data, MAIN_MODELS)
+        if any(m in data["models"] for m in LADDER[:3]):
+            text += "\nAblation ladder (each rung adds one part of DSLA):\n\n"
+            text += model_table(data, LADDER)
+        if data["paired"]:
+            text += "\nPaired differences (same seed):\n\n" + paired_table(data)
+        if data["convergence"]:
+            text += "\nConvergence (seed 0 at 1.5× the schedule):\n\n" + convergence_table(data)
+        text += "\nTargets:\n\n"
+        for key, met in result["targets"][dataset].items():
+            verdict = {True: "**met**", False: "**missed**", None: "not measured yet"}[met]
+            text += f"- {TARGET_TEXT[key]}: {verdict}\n"
+    text += f"\nCurves: [comparison_curves.png](comparison_curves.png). {result['cost_line']}\n"
+    return text
+
+
+def plot_curves(records: List[Dict], path: str) -> None:
+    """AP against iteration, one panel per dataset, one colour per detector, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in records)]
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.5),
+                             dpi=100, squeeze=False)
+    colours = dict(zip(MAIN_MODELS + LADDER[:3], plt.get_cmap("tab10").colors))
+    for ax, dataset in zip(axes[0], datasets):
+        seen = set()
+        for r in sorted(records, key=lambda r: (r["model"], r["seed"], r["factor"])):
+            if r["dataset"] != dataset or r["model"] not in MAIN_MODELS:
+                continue
+            it = [p["iter"] for p in r["curve"]]
+            ap = [p["AP"] for p in r["curve"]]
+            ax.plot(it, ap, marker="o", markersize=3, color=colours[r["model"]],
+                    linestyle="--" if r["factor"] != 1.0 else "-", linewidth=1,
+                    label=None if r["model"] in seen else MODELS[r["model"]][2])
+            seen.add(r["model"])
+        ax.set_title(f"{DATASETS[dataset][1]} (dashed: 1.5× schedule)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("box AP")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(DATASETS), default=None,
+                        help="datasets whose runs to train (default: all); the report covers "
+                        "every finished run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL threads of each run (default: inherited)")
+    parser.add_argument("--status", action="store_true", help="list done / missing runs, exit")
+    parser.add_argument("--report", action="store_true", help="report finished runs, train none")
+    parser.add_argument("--output-dir", default=RESULTS_DIR,
+                        help="results directory; runs go to <output-dir>/runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 %% of the schedule, seed 0, the four detectors on "
+                        "shapes (use with --output-dir elsewhere)")
+    parser.add_argument("--analyse-run", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--test-set", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
+    """Write comparison.{json,md} and comparison_curves.png from the finished runs."""
+    records = [read_record(s) for s in specs if is_done(s)]
+    spent = sum(r["train"]["cpu_s"] + r["analysis_cost"]["cpu_s"] for r in records)
+    cost = (f"{len(records)} of {len(specs)} planned runs finished; CPU time of the finished "
+            f"runs {spent / 3600:.1f} h (this invocation: {cpu_s / 3600:.2f} h).")
+    summary = summarize(records)
+    result = {"machine": machine_info("cpu"), "protocol": {"plan": PLAN, "models": MODELS,
+              "datasets": DATASETS, "evals_per_run": EVALS_PER_RUN},
+              "runs": records, "summary": summary, "targets": check_targets(summary),
+              "cost_line": cost}
+    os.makedirs(output_dir, exist_ok=True)
+    plot_curves(records, os.path.join(output_dir, "comparison_curves.png"))
+    write_results("comparison", result, render_markdown(result), output_dir)
+    log(cost)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import dsla  # noqa: F401  (registers the datasets and models)
+
+    if args.analyse_run:
+        result = analyse_run(args.analyse_run, args.test_set)
+        with open(os.path.join(args.analyse_run, "analysis.json"), "w") as f:
+            json.dump(result, f, indent=2, allow_nan=False)
+        return 0
+    runs_dir = os.path.join(args.output_dir, "runs")
+    specs = planned_specs(runs_dir, QUICK_PLAN if args.quick else PLAN)
+    todo = [s for s in specs if not is_done(s) and (args.only is None or s["dataset"] in args.only)]
+    if args.status:
+        for s in specs:
+            state = "done" if is_done(s) else (read_record(s) or {}).get("status", "missing")
+            print(f"{state:9s} {display_path(s['run_dir'])}")
+        return 0
+    failed = []
+    if not args.report:
+        log(f"{len(todo)} runs to train ({len(specs) - len(todo)} cached), {args.jobs} at a time")
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            ok = list(pool.map(lambda s: train_and_analyse(s, args.threads), todo))
+        failed = [s["run_dir"] for s, good in zip(todo, ok) if not good]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report(specs, args.output_dir, usage.ru_utime + usage.ru_stime)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
