@@ -138,6 +138,27 @@ def test_losses_hand_computed(storage, monkeypatch, workers_scale):
     assert losses["loss_fcos_ctr"].item() == pytest.approx(ctr, rel=1e-5)
 
 
+def test_focal_loss_hand_computed_and_float32_under_autocast():
+    logits = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    labels = torch.tensor([1, 2])  # second row: background (C = 2)
+    p = logits.sigmoid()
+    # alpha 0.25, gamma 2: positives -alpha (1-p)^2 log p, negatives -(1-alpha) p^2 log(1-p).
+    positive = -0.25 * (1 - p[0, 1]) ** 2 * p[0, 1].log()
+    negatives = p[0, 0] ** 2 * (1 - p[0, 0]).log() + (p[1] ** 2 * (1 - p[1]).log()).sum()
+    expected = positive - 0.75 * negatives
+    assert fcos_plain.focal_loss_sum(logits, labels, 0.25, 2.0).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+    # bfloat16 logits, with or without autocast: computed in float32 from the rounded values.
+    half = torch.randn(64, 6, generator=torch.Generator().manual_seed(0)).bfloat16()
+    labels = torch.arange(64) % 7
+    reference = fcos_plain.focal_loss_sum(half.float(), labels, 0.25, 2.0).item()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fcos_plain.focal_loss_sum(half, labels, 0.25, 2.0)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(reference, rel=1e-6)
+
+
 def test_losses_float32_under_autocast(storage):
     model = _model()
     with torch.autocast("cpu", dtype=torch.bfloat16):

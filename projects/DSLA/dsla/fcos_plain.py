@@ -26,12 +26,11 @@ from fvcore.nn import sigmoid_focal_loss
 
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from .assignment import level_point_info
-from .config import dense_detector_kwargs, validate_dsla_config
 from .fcos_targets import fcos_targets
 from .head import DSLAHead
 from .losses import all_reduce_mean, box_iou_loss
@@ -60,25 +59,18 @@ class FCOSPlain(DSLA):
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        validate_dsla_config(cfg, {k: v.stride for k, v in shapes.items()})
-        c = cfg.MODEL.DSLA
-        return {
-            "backbone": backbone,
-            "head": DSLAHead(cfg, [shapes[f] for f in c.IN_FEATURES], centerness=True),
-            "head_in_features": c.IN_FEATURES,
-            "num_classes": c.NUM_CLASSES,
-            "regress_ranges": c.REGRESS_RANGES,
-            "center_sampling_radius": c.CENTER_SAMPLING_RADIUS,
-            "cls_loss_weight": c.CLS_LOSS_WEIGHT,
-            "box_loss_type": c.BOX_LOSS_TYPE,
-            "box_loss_weight": c.BOX_LOSS_WEIGHT,
-            "focal_loss_alpha": cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA,
-            **dense_detector_kwargs(cfg, c),
-            "input_format": cfg.INPUT.FORMAT,
-        }
+        ret = super().from_config(cfg)
+        # DSLA's assignment switches and QFL do not exist in plain FCOS: keep their defaults
+        # (unused) rather than whatever MODEL.DSLA says.
+        for key in ("smooth_label", "relaxation_factor", "core_zone", "iou_coupling", "qfl_beta"):
+            del ret[key]
+        ret["focal_loss_alpha"] = cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA
+        ret["focal_loss_gamma"] = cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA
+        return ret
+
+    @classmethod
+    def build_head(cls, cfg, input_shape):
+        return DSLAHead(cfg, input_shape, centerness=True)
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_dists, pred_ctr = self._transpose_dense_predictions(
@@ -181,7 +173,7 @@ def focal_loss_sum(logits, labels, alpha: float, gamma: float):
     Returns:
         Tensor: scalar float32 sum over all P x C entries.
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        num_classes = logits.shape[1]
-        targets = F.one_hot(labels, num_classes + 1)[:, :num_classes].float()
-        return sigmoid_focal_loss(logits.float(), targets, alpha, gamma, reduction="sum")
+    num_classes = logits.shape[1]
+    targets = F.one_hot(labels, num_classes + 1)[:, :num_classes]
+    # fvcore's focal loss casts its inputs to float32 itself, so autocast cannot lower it.
+    return sigmoid_focal_loss(logits, targets, alpha, gamma, reduction="sum")
