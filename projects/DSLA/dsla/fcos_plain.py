@@ -15,6 +15,11 @@ target / sum of centerness targets, centerness BCE / number of positives -- and 
 ``sigmoid(cls) * sigmoid(centerness)``. DSLA's assignment switches (relaxation, core zone,
 smooth labels, IoU coupling, QFL beta) are not used.
 
+Kept as DSLA's rather than mmdetection's, so that the comparison isolates the method: the points
+(mmdetection's FCOS adds s // 2), the 0.05 score threshold applied to cls x ctr (mmdetection
+thresholds cls, then multiplies) and the NMS IoU ``MODEL.DSLA.NMS_THRESH_TEST`` (0.6; its FCOS
+config uses 0.5).
+
 Shape letters: N = images, P = points of all levels, Pi = points of level i, C = classes,
 K = positive points of the batch.
 """
