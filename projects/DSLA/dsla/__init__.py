@@ -15,6 +15,7 @@ from . import data  # noqa: E402,F401  (registers the built-in datasets)
 from .backbone import build_dsla_resnet_fpn_backbone  # noqa: E402
 from .config import add_dsla_config
 from .fcos import FCOS
+from .fcos_plain import FCOSPlain  # noqa: F401  (registers the plain-FCOS baseline)
 from .head import DSLAHead
 from .meta_arch import DSLA
 

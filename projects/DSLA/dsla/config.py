@@ -78,7 +78,8 @@ def add_dsla_config(cfg):
     _C.MODEL.FCOS = _dense_head_node()
     # Centre-sampling radius in strides (detectron2's FCOS always samples centres).
     _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
-    # Sigmoid focal loss alpha and gamma.
+    # Sigmoid focal loss alpha and gamma; also read by the plain-FCOS baseline (FCOSPlain), whose
+    # other keys are the shared MODEL.DSLA ones (head, ranges, box loss, weights, inference).
     _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
 

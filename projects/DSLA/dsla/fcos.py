@@ -1,9 +1,11 @@
 """detectron2's own FCOS, made buildable from yacs configs, as DSLA's baseline.
 
-Only two things change: a ``from_config`` (detectron2 ships FCOS for LazyConfig only), and the
-per-level regress ranges, which detectron2 fixes at 4x/8x the stride, come from
-``MODEL.FCOS.REGRESS_RANGES`` so that FCOS and DSLA see the same ranges on any dataset
-(``_match_anchors``; the rest of the labelling, the losses and inference are detectron2's).
+Only two things change: a ``from_config`` (detectron2 ships FCOS for LazyConfig only), and
+``_match_anchors``, whose per-level regress ranges, which detectron2 fixes at 4x/8x the stride,
+come from ``MODEL.FCOS.REGRESS_RANGES`` so that FCOS and DSLA see the same ranges on any dataset;
+it is FCOS's rule from ``fcos_targets.py`` (shared with the plain-FCOS baseline), with the ranges
+closed ``[lo, hi]`` as in mmdetection. The rest of the labelling (``label_anchors``), the losses
+and inference are detectron2's.
 """
 from typing import List
 
@@ -15,8 +17,9 @@ from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes
 
-from .assignment import level_point_info, pairwise_smooth_labels
+from .assignment import level_point_info
 from .config import dense_detector_kwargs
+from .fcos_targets import fcos_match_quality
 
 __all__ = ["FCOS"]
 
@@ -64,19 +67,16 @@ class FCOS(_D2FCOS):
     @torch.no_grad()
     def _match_anchors(self, gt_boxes: Boxes, anchors: List[Boxes]):
         """
-        FCOS's match quality with configurable ranges: a point matches a box when it is inside
-        it (and its centre region), with max(l, t, r, b) in the level's range; among matching
-        boxes the smallest wins. detectron2's ``label_anchors`` turns this into labels.
+        FCOS's match quality with configurable ranges (:func:`fcos_match_quality`): a point
+        matches a box when it is inside the box's centre region (clipped to the box), with
+        max(l, t, r, b) in the level's range; among matching boxes the smallest wins.
+        detectron2's ``label_anchors`` turns this into labels.
 
         Returns:
-            Tensor[M, R]: > 0 for matching pairs, larger for smaller boxes.
+            Tensor[G, P]: > 0 for matching pairs, larger for smaller boxes.
         """
         points, strides, ranges = level_point_info(
             [a.get_centers() for a in anchors], self.anchor_generator.strides, self.regress_ranges
         )
-        # Relaxation and core zone off: q > 0 exactly for FCOS's positive pairs.
-        q = pairwise_smooth_labels(
-            points, strides, ranges, gt_boxes.tensor, relaxation_factor=0.0, core_zone=False,
-            center_sampling_radius=self.center_sampling_radius,
-        )
-        return (q > 0).to(q.dtype) * (1e8 - gt_boxes.area()[:, None])
+        return fcos_match_quality(points, strides, ranges, gt_boxes.tensor,
+                                  center_sampling_radius=self.center_sampling_radius)

@@ -79,6 +79,7 @@ class DSLAHead(nn.Module):
         norm_on_bbox: bool = False,
         dcn_on_last_conv: bool = False,
         conv_bias: bool = False,
+        centerness: bool = False,
     ):
         """
         Args:
@@ -90,6 +91,8 @@ class DSLAHead(nn.Module):
             norm_on_bbox: distances are ``relu(scale * x) * stride`` instead of ``exp(scale * x)``.
             dcn_on_last_conv: last conv of each tower is a DCNv2.
             conv_bias: keep conv biases in the towers even with a norm.
+            centerness: add plain FCOS's centerness conv (3x3 -> 1) on the classification tower
+                (the plain-FCOS baseline, ``fcos_plain.py``; DSLA has none).
         """
         super().__init__()
         channels = {s.channels for s in input_shape}
@@ -102,6 +105,8 @@ class DSLAHead(nn.Module):
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, stride=1, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, stride=1, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in input_shape])
+        # mmdetection's plain FCOS puts centerness on the cls tower (``centerness_on_reg=False``).
+        self.centerness = nn.Conv2d(in_channels, 1, 3, stride=1, padding=1) if centerness else None
         self._init_weights(prior_prob)
 
     def _init_weights(self, prior_prob):
@@ -110,7 +115,9 @@ class DSLAHead(nn.Module):
                 nn.init.normal_(conv.weight, mean=0, std=0.01)
                 if conv.bias is not None:
                     nn.init.constant_(conv.bias, 0)
-        for conv in (self.cls_score, self.bbox_pred):
+        for conv in (self.cls_score, self.bbox_pred, self.centerness):
+            if conv is None:
+                continue
             nn.init.normal_(conv.weight, mean=0, std=0.01)
             nn.init.constant_(conv.bias, 0)
         # Start with every class at probability prior_prob, so the loss of the many background
@@ -139,12 +146,18 @@ class DSLAHead(nn.Module):
         Returns:
             logits: L tensors ``[N, C, Hi, Wi]``.
             distances: L tensors ``[N, 4, Hi, Wi]``, (l, t, r, b) in input-image pixels.
+            centerness: only with ``centerness=True``, L tensors ``[N, 1, Hi, Wi]`` of logits.
         """
         assert len(features) == len(self.scales), (len(features), len(self.scales))
-        logits, distances = [], []
+        logits, distances, centerness = [], [], []
         for feature, scale, stride in zip(features, self.scales, self.strides):
-            logits.append(self.cls_score(self.cls_convs(feature)))
+            cls_feature = self.cls_convs(feature)
+            logits.append(self.cls_score(cls_feature))
+            if self.centerness is not None:
+                centerness.append(self.centerness(cls_feature))
             # float32: exp of a half-precision value overflows for distances > 65504 / e.
             raw = scale(self.bbox_pred(self.reg_convs(feature))).float()
             distances.append(F.relu(raw) * stride if self.norm_on_bbox else raw.exp())
+        if self.centerness is not None:
+            return logits, distances, centerness
         return logits, distances

@@ -107,7 +107,7 @@ class DSLA(DenseDetector):
         c = cfg.MODEL.DSLA
         return {
             "backbone": backbone,
-            "head": DSLAHead(cfg, [shapes[f] for f in c.IN_FEATURES]),
+            "head": cls.build_head(cfg, [shapes[f] for f in c.IN_FEATURES]),
             "head_in_features": c.IN_FEATURES,
             "num_classes": c.NUM_CLASSES,
             "regress_ranges": c.REGRESS_RANGES,
@@ -123,6 +123,11 @@ class DSLA(DenseDetector):
             **dense_detector_kwargs(cfg, c),
             "input_format": cfg.INPUT.FORMAT,
         }
+
+    @classmethod
+    def build_head(cls, cfg, input_shape):
+        """The head of :meth:`from_config` (a hook for subclasses that add branches)."""
+        return DSLAHead(cfg, input_shape)
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_dists = self._transpose_dense_predictions(
