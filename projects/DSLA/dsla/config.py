@@ -73,6 +73,8 @@ def add_dsla_config(cfg):
     # Optimizer: "SGD" (detectron2's, the paper's recipes) or "ADAMW" (faster from scratch on CPU).
     _C.SOLVER.OPTIMIZER = "SGD"
 
+    _add_swin_config(_C)
+
     # detectron2's own FCOS (baseline for benchmarks): the shared keys above (its regress ranges
     # are configurable here, detectron2 hard-codes 4x / 8x the stride) plus its own.
     _C.MODEL.FCOS = _dense_head_node()
@@ -82,6 +84,27 @@ def add_dsla_config(cfg):
     # other keys are the shared MODEL.DSLA ones (head, ranges, box loss, weights, inference).
     _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+
+
+def _add_swin_config(cfg):
+    """``MODEL.SWIN`` (backbone ``build_dsla_swin_fpn_backbone``, defaults = the authors' Swin-S)
+    and ``SOLVER.NO_WEIGHT_DECAY_PARAMS`` (their AdamW recipe)."""
+    cfg.MODEL.SWIN = CN()
+    # Channels of the patch embedding (stage 1); stage i has EMBED_DIM * 2**i.
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    # Transformer blocks per stage.
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]
+    # Attention heads per stage.
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    # Side of the square attention windows, in tokens.
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    # Hidden width of each block's MLP, as a multiple of the block's channels.
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    # Stochastic depth: the rate grows linearly from 0 (first block) to this (last block).
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
+    # Names of parameters (as their module names them) trained without weight decay by the AdamW
+    # path of dsla.engine.Trainer, e.g. Swin's relative position tables; norms: WEIGHT_DECAY_NORM.
+    cfg.SOLVER.NO_WEIGHT_DECAY_PARAMS = []
 
 
 def dense_detector_kwargs(cfg, node):

@@ -1,33 +1,43 @@
-"""Convert the authors' mmdetection 2.x DSLA checkpoints into this project's detectron2 model.
+"""Convert the authors' mmdetection 2.x DSLA checkpoints into this project's detectron2 models.
 
-The released checkpoints (DSLA_SPEC §8) hold a ResNet/ResNeXt backbone (optionally with DCNv1 in
-some stages), an FPN with P6/P7 built on the P5 output, and the two-tower DSLA head (optionally
-with a DCNv2 last conv). Renaming is enough; no tensor is transposed or rescaled, because:
+The released checkpoints (R-50 1x, R-101 2x DCN, Swin-S 3x; docs/MODEL_ZOO.md) hold a backbone
+(ResNet, optionally with DCNv1 in some stages, or Swin), an FPN with P6/P7 built on the P5 output,
+and the two-tower DSLA head (optionally with a DCNv2 last conv and conv biases). Renaming is
+enough for every tensor but one kind:
 
 - mmdetection's eval-mode ``BatchNorm2d`` and detectron2's ``FrozenBatchNorm2d`` both compute
   ``(x - running_mean) * weight / sqrt(running_var + eps) + bias`` with ``eps = 1e-5``, and the
   converted file carries no ``_metadata``, so FrozenBN loads ``running_var`` as stored;
-- detectron2's ``DeformBottleneckBlock`` (``conv2_offset`` then ``conv2``) and mmcv's
-  ``DeformConv2dPack`` (``conv2.conv_offset`` then ``conv2``) use the same offset layout, and the
-  head's :class:`~dsla.head.DeformTowerConv` splits its 27 offset channels like mmcv's
+- mmcv's ``DeformConv2dPack`` (``conv2.conv_offset`` then ``conv2``) and this project's
+  :class:`~dsla.backbone.DeformBottleneck` (``conv2_offset`` then ``conv2``) use the same offset
+  layout (per kernel tap: vertical, then horizontal offset), and the head's
+  :class:`~dsla.head.DeformTowerConv` splits its 27 offset channels like mmcv's
   ``ModulatedDeformConv2dPack`` (two offset thirds, then the mask third through a sigmoid);
 - mmdetection's FPN upsamples to the lateral's size and detectron2's by 2x, both nearest: the
-  same whenever the input is padded to a multiple of 32 (C5's stride), as both frameworks do.
+  same whenever the input is padded to a multiple of 32, as both frameworks do;
+- mmdetection's Swin names its modules differently from detectron2's (the original Swin's), and
+  its patch merging gathers each 2x2 neighbourhood with ``nn.Unfold``: the input channels of
+  ``downsample.norm`` and ``downsample.reduction`` are in unfold order and are permuted back to
+  the concatenation order detectron2 uses (:func:`unfold_to_concat_order`).
 
 Every source key must be used and every model key filled (strict, see :func:`check_converted`):
 a silently skipped tensor would keep its random initialisation and cost AP without any error.
 """
 import os
 import re
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 
 from detectron2.modeling import build_model
 
+from .errors import UserError
+
 __all__ = [
     "ConversionError",
+    "unfold_to_concat_order",
     "map_key",
+    "describe_checkpoint",
     "extract_state_dict",
     "Renamed",
     "rename_state_dict",
@@ -40,7 +50,7 @@ __all__ = [
     "config_hints",
 ]
 
-# mmdetection's FPN (start_level=1) has laterals for C3..C5; detectron2 names them by stage.
+# mmdetection's FPN has laterals for the three inputs (C3..C5); detectron2 names them by stage.
 _FPN_FIRST_STAGE = 3
 # mmdetection's fpn_convs 0-2 are the P3-P5 output convs, 3 and 4 the extra P6 and P7 convs.
 _FPN_EXTRA_CONVS = {3: "backbone.top_block.p6", 4: "backbone.top_block.p7"}
@@ -52,10 +62,48 @@ _MAX_LISTED = 50
 # mmdetection config fields that matter for inference but not for the state dict (style: caffe
 # vs pytorch = STRIDE_IN_1X1; img_norm_cfg: PIXEL_MEAN/STD and INPUT.FORMAT; norm_on_bbox).
 _HINT = re.compile(r"\b(style|mean|std|to_rgb|norm_on_bbox|size_divisor)\s*=")
+_SWIN = "backbone.bottom_up"
+# Submodules of one Swin block: mmdetection's name -> detectron2's (the original Swin's).
+_SWIN_BLOCK_PARTS = {
+    "norm1": "norm1",
+    "attn.w_msa.qkv": "attn.qkv",
+    "attn.w_msa.proj": "attn.proj",
+    "norm2": "norm2",
+    "ffn.layers.0.0": "mlp.fc1",
+    "ffn.layers.1": "mlp.fc2",
+}
+_SWIN_BLOCK_RE = "|".join(re.escape(k) for k in _SWIN_BLOCK_PARTS)
+# The index into the table is a deterministic buffer; copying it keeps mmdetection's exactly.
+_SWIN_ATTN_TABLES = r"(relative_position_bias_table|relative_position_index)"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The checkpoint does not fit the model: unused or missing keys, or shape mismatches."""
+
+
+def unfold_to_concat_order(t: torch.Tensor) -> torch.Tensor:
+    """
+    Reorder the last dimension of a Swin patch-merging tensor from mmdetection's unfold order to
+    detectron2's concatenation order.
+
+    mmdetection's ``PatchMerging`` gathers each 2x2 neighbourhood with ``nn.Unfold``: merged
+    channel ``c * 4 + k`` holds channel c of neighbour k, with k over (row, col) = (0, 0),
+    (0, 1), (1, 0), (1, 1). detectron2's (the original Swin's) concatenates whole neighbours
+    x(0, 0), x(1, 0), x(0, 1), x(1, 1): merged channel ``k' * C + c``.
+
+    Args:
+        t: ``[..., 4C]``, e.g. ``downsample.reduction.weight`` ``[2C, 4C]`` or
+            ``downsample.norm.weight`` ``[4C]``.
+
+    Returns:
+        ``[..., 4C]``, the same values in concatenation order.
+    """
+    *lead, merged = t.shape
+    if merged % 4:
+        raise ConversionError(f"A patch-merging tensor needs 4C channels, got {tuple(t.shape)}")
+    by_neighbour = t.reshape(*lead, merged // 4, 4).transpose(-1, -2)  # [..., 4 (unfold), C]
+    # Concatenation order (0,0), (1,0), (0,1), (1,1) is unfold order 0, 2, 1, 3.
+    return by_neighbour[..., [0, 2, 1, 3], :].reshape(*lead, merged)
 
 
 def _block(m) -> str:
@@ -71,9 +119,16 @@ def _fpn_output(m) -> Optional[str]:
     return f"{name}.{m[2]}" if name else None
 
 
-# (mmdetection key regex, detectron2 name builder); first full match wins, so the DCN offset
-# rules come before the plain conv rules they would otherwise be shadowed by.
-_RULE_SPECS: List[Tuple[str, Callable[[re.Match], Optional[str]]]] = [
+class _Rule(NamedTuple):
+    pattern: "re.Pattern"
+    rename: Callable[[re.Match], Optional[str]]  # detectron2 key, None if the match is unused
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+# (mmdetection key regex, detectron2 name builder[, value transform]); first full match wins, so
+# the DCN offset rules come before the plain conv rules they would otherwise be shadowed by.
+_RULE_SPECS = [
+    # ResNet
     (r"backbone\.conv1\.weight", lambda m: "backbone.bottom_up.stem.conv1.weight"),
     (rf"backbone\.bn1\.{_BN}", lambda m: f"backbone.bottom_up.stem.conv1.norm.{m[1]}"),
     (rf"backbone\.layer(\d)\.(\d+)\.conv(\d)\.conv_offset\.{_WB}",
@@ -85,9 +140,21 @@ _RULE_SPECS: List[Tuple[str, Callable[[re.Match], Optional[str]]]] = [
      lambda m: f"{_block(m)}.shortcut.weight"),
     (rf"backbone\.layer(\d)\.(\d+)\.downsample\.1\.{_BN}",
      lambda m: f"{_block(m)}.shortcut.norm.{m[3]}"),
+    # Swin
+    (rf"backbone\.patch_embed\.projection\.{_WB}", lambda m: f"{_SWIN}.patch_embed.proj.{m[1]}"),
+    (rf"backbone\.patch_embed\.norm\.{_WB}", lambda m: f"{_SWIN}.patch_embed.norm.{m[1]}"),
+    (rf"backbone\.stages\.(\d+)\.blocks\.(\d+)\.({_SWIN_BLOCK_RE})\.{_WB}",
+     lambda m: f"{_SWIN}.layers.{m[1]}.blocks.{m[2]}.{_SWIN_BLOCK_PARTS[m[3]]}.{m[4]}"),
+    (rf"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.{_SWIN_ATTN_TABLES}",
+     lambda m: f"{_SWIN}.layers.{m[1]}.blocks.{m[2]}.attn.{m[3]}"),
+    (rf"backbone\.stages\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
+     lambda m: f"{_SWIN}.layers.{m[1]}.downsample.{m[2]}", unfold_to_concat_order),
+    (rf"backbone\.norm(\d)\.{_WB}", lambda m: f"{_SWIN}.norm{m[1]}.{m[2]}"),
+    # FPN
     (rf"neck\.lateral_convs\.(\d)\.conv\.{_WB}",
      lambda m: f"backbone.fpn_lateral{int(m[1]) + _FPN_FIRST_STAGE}.{m[2]}"),
     (rf"neck\.fpn_convs\.(\d)\.conv\.{_WB}", _fpn_output),
+    # DSLA head
     (rf"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.conv_offset\.{_WB}",
      lambda m: f"head.{m[1]}_convs.{m[2]}.conv_offset.{m[3]}"),
     (rf"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.{_WB}",
@@ -98,7 +165,15 @@ _RULE_SPECS: List[Tuple[str, Callable[[re.Match], Optional[str]]]] = [
     (rf"bbox_head\.conv_reg\.{_WB}", lambda m: f"head.bbox_pred.{m[1]}"),
     (r"bbox_head\.scales\.(\d+)\.scale", lambda m: f"head.scales.{m[1]}.scale"),
 ]
-_RULES = [(re.compile(p), f) for p, f in _RULE_SPECS]
+_RULES = [_Rule(re.compile(spec[0]), *spec[1:]) for spec in _RULE_SPECS]
+
+
+def _match(mmdet_key: str):
+    for rule in _RULES:
+        m = rule.pattern.fullmatch(mmdet_key)
+        if m:
+            return rule, m
+    return None, None
 
 
 def map_key(mmdet_key: str) -> Optional[str]:
@@ -110,11 +185,8 @@ def map_key(mmdet_key: str) -> Optional[str]:
         the detectron2 key, or None when no rule covers it (the caller reports it as unused).
         ``num_batches_tracked`` keys are not mapped here; see :func:`rename_state_dict`.
     """
-    for pattern, build in _RULES:
-        m = pattern.fullmatch(mmdet_key)
-        if m:
-            return build(m)
-    return None
+    rule, m = _match(mmdet_key)
+    return rule.rename(m) if rule else None
 
 
 def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
@@ -146,7 +218,7 @@ def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
 class Renamed(NamedTuple):
     """Result of :func:`rename_state_dict`."""
 
-    tensors: Dict[str, torch.Tensor]  # detectron2 key -> tensor
+    tensors: Dict[str, torch.Tensor]  # detectron2 key -> tensor (permuted where a rule says so)
     sources: Dict[str, str]  # detectron2 key -> the mmdetection key it came from
     unmapped: List[str]  # mmdetection keys no rule covers
     dropped: List[str]  # num_batches_tracked keys (used, nothing to copy into FrozenBN)
@@ -154,7 +226,9 @@ class Renamed(NamedTuple):
 
 def rename_state_dict(mmdet_state: Mapping[str, torch.Tensor]) -> Renamed:
     """
-    Rename every mmdetection key with :func:`map_key`; no check against a model yet.
+    Rename every mmdetection key with the rules of :func:`map_key` and apply their value
+    transforms (:func:`unfold_to_concat_order` for Swin's patch merging); no check against a
+    model yet.
 
     Raises:
         ConversionError: when two source keys map to the same detectron2 key.
@@ -164,7 +238,8 @@ def rename_state_dict(mmdet_state: Mapping[str, torch.Tensor]) -> Renamed:
         if _DROPPED.fullmatch(key):
             dropped.append(key)
             continue
-        new_key = map_key(key)
+        rule, m = _match(key)
+        new_key = rule.rename(m) if rule else None
         if new_key is None:
             unmapped.append(key)
         elif new_key in tensors:
@@ -172,12 +247,13 @@ def rename_state_dict(mmdet_state: Mapping[str, torch.Tensor]) -> Renamed:
                 f"Keys {sources[new_key]!r} and {key!r} both map to {new_key!r}."
             )
         else:
-            tensors[new_key] = value
+            tensors[new_key] = rule.transform(value) if rule.transform else value
             sources[new_key] = key
     return Renamed(tensors, sources, unmapped, dropped)
 
 
-def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size]) -> None:
+def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size],
+                    checkpoint_summary: str = "") -> None:
     """
     Check renamed tensors against the model's state dict: every source key used, every model key
     filled, every shape equal.
@@ -185,6 +261,8 @@ def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size])
     Args:
         renamed: output of :func:`rename_state_dict`.
         expected_shapes: ``{detectron2 key: shape}`` of the target model (:func:`model_shapes`).
+        checkpoint_summary: what the checkpoint holds (:func:`describe_checkpoint`), for the
+            message.
 
     Raises:
         ConversionError: listing the unused source keys, the missing model keys and, for each
@@ -202,14 +280,66 @@ def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size])
         if k in expected_shapes and tuple(v.shape) != tuple(expected_shapes[k])
     ]
     if unused or missing or mismatched:
+        summary = f"\n  The checkpoint holds: {checkpoint_summary}." if checkpoint_summary else ""
         raise ConversionError(
-            "The mmdetection checkpoint does not fit the model of this config "
-            "(check the config: RESNETS.DEPTH / NUM_GROUPS, DEFORM_ON_PER_STAGE, "
-            "DSLA.DCN_ON_LAST_CONV / CONV_BIAS / NUM_CLASSES):"
+            "The mmdetection checkpoint does not fit the model of this config (check the "
+            "config: BACKBONE.NAME, RESNETS.DEPTH / NUM_GROUPS / DEFORM_ON_PER_STAGE, SWIN.*, "
+            "DSLA.DCN_ON_LAST_CONV / CONV_BIAS / NUM_CLASSES; docs/MODEL_ZOO.md lists the "
+            "config of each released checkpoint):" + summary
             + _section("checkpoint key(s) unused", unused)
             + _section("model key(s) missing from the checkpoint", missing)
             + _section("shape mismatch(es)", mismatched)
         )
+
+
+def _numbered(keys, pattern: str) -> List[List[int]]:
+    """The integer groups of every key that fully matches ``pattern``."""
+    return [[int(g) for g in m.groups()] for m in map(re.compile(pattern).fullmatch, keys) if m]
+
+
+def _blocks_per_stage(pairs: List[List[int]]) -> List[int]:
+    """[[stage, block], ...] -> number of blocks of each stage, in stage order."""
+    stages = sorted({s for s, _ in pairs})
+    return [1 + max(b for s2, b in pairs if s2 == s) for s in stages]
+
+
+def _describe_resnet(state: Mapping[str, torch.Tensor]) -> str:
+    blocks = _blocks_per_stage(_numbered(state, r"backbone\.layer(\d)\.(\d+)\.conv1\.weight"))
+    depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(tuple(blocks))
+    name = f"ResNet-{depth}" if depth else f"ResNet with {blocks} blocks per stage"
+    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    if conv2 is not None and conv2.shape[0] != conv2.shape[1]:  # grouped 3x3: ResNeXt
+        groups = conv2.shape[0] // conv2.shape[1]
+        name = name.replace("ResNet", "ResNeXt") + f" {groups}x{conv2.shape[1]}d"
+    dcn = sorted({g[0] for g in _numbered(
+        state, r"backbone\.layer(\d)\.\d+\.conv2\.conv_offset\.weight")})
+    return name + (f" with DCN in layer{', layer'.join(map(str, dcn))}" if dcn else "")
+
+
+def describe_checkpoint(mmdet_state: Mapping[str, torch.Tensor]) -> str:
+    """
+    The architecture of an mmdetection DSLA checkpoint, read from its key names and shapes, to
+    compare with the config when the checkpoint does not fit.
+
+    Args:
+        mmdet_state: ``{mmdetection key: Tensor}`` (:func:`extract_state_dict`).
+
+    Returns:
+        e.g. ``"ResNet-101 with DCN in layer2, layer3, layer4; head with DCN last tower convs,
+        tower conv biases"`` or ``"Swin with [2, 2, 18, 2] blocks per stage; head ..."``.
+    """
+    swin = _numbered(mmdet_state, r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.norm1\.weight")
+    if swin:
+        backbone = f"Swin with {_blocks_per_stage(swin)} blocks per stage"
+    elif "backbone.conv1.weight" in mmdet_state:
+        backbone = _describe_resnet(mmdet_state)
+    else:
+        backbone = "an unknown backbone"
+    head = ["DCN last tower convs"] if _numbered(
+        mmdet_state, r"bbox_head\.cls_convs\.(\d+)\.conv\.conv_offset\.weight") else []
+    if "bbox_head.cls_convs.0.conv.bias" in mmdet_state:
+        head.append("tower conv biases")
+    return f"{backbone}; head with {', '.join(head) or 'plain tower convs'}"
 
 
 def _section(title: str, lines: List[str]) -> str:
@@ -233,7 +363,7 @@ def convert_mmdet_state_dict(
         ConversionError: see :func:`check_converted`.
     """
     renamed = rename_state_dict(mmdet_state)
-    check_converted(renamed, expected_shapes)
+    check_converted(renamed, expected_shapes, describe_checkpoint(mmdet_state))
     return {k: renamed.tensors[k].detach().cpu().contiguous() for k in expected_shapes}
 
 

@@ -86,6 +86,7 @@ class Trainer(DefaultTrainer):
                 model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
                 bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
                 weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+                overrides={n: {"weight_decay": 0.0} for n in cfg.SOLVER.NO_WEIGHT_DECAY_PARAMS},
             )
             optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
                 params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
