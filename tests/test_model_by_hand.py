@@ -156,6 +156,33 @@ def test_labels_of_the_loss_example():
     torch.testing.assert_close(maps[0], expected)
 
 
+def test_hard_labels_are_one_on_the_positives():
+    # SMOOTH_LABEL False (the ablation's first rung): q* = 1 on the same three points.
+    model = make_dsla(*box_loss_head(), smooth_label=False)
+    maps = model.smooth_label_maps((IMAGE, IMAGE), batch([BOX], [BOX_CLASS])[0]["instances"])
+    expected = torch.zeros(4, 4)
+    for row, col in POSITIVES:
+        expected[row, col] = 1.0
+    torch.testing.assert_close(maps[0], expected)
+
+
+def test_normalisers_go_through_the_all_reduce(storage, monkeypatch):
+    # Both normalisers are averaged over the workers on every rank (docs/METHOD.md, "Losses"):
+    # sum y (cls) then sum q* (box) pass through all_reduce_mean.
+    import dsla.meta_arch
+
+    seen = []
+
+    def record(value):
+        seen.append(value.item())
+        return value
+
+    monkeypatch.setattr(dsla.meta_arch, "all_reduce_mean", record)
+    make_dsla(*box_loss_head())(batch([BOX], [BOX_CLASS]))
+    y = [i * q for i, q in zip(IOU, Q_STAR)]
+    assert seen == pytest.approx([sum(y), sum(Q_STAR)], rel=1e-6)
+
+
 def test_normalisers_are_clamped_at_one(storage):
     # Box (4, 4, 14, 12), core zone off: only (8, 8) is inside; l, t, r, b = 4, 4, 6, 4 ->
     # q* = sqrt(4/6) < 1. Its predicted box (0, 0, 16, 16) holds the 10 x 8 box: IoU = 80/256.
