@@ -94,6 +94,10 @@ def test_inside_test_is_strict():
     torch.testing.assert_close(scores, expected)
     assert (matched[:4] == 0).all()
     assert (matched[4:] == torch.tensor([0.0, 0, 16, 16])).all()
+    # With the core zone an edge point matters: (8, 8) on the left edge of (8, 4, 16, 12) is
+    # within s/2 = 4 of the centre (12, 8) and would get ctr = 1 if the edge counted as inside.
+    labels, scores, _ = assign([(8, 8)], [(8, 4, 16, 12)], core_zone=True)
+    assert labels.item() == BACKGROUND and scores.item() == 0.0
 
 
 # --- centerness ----------------------------------------------------------------------------------
@@ -106,6 +110,13 @@ def test_centerness_at_off_centre_points():
     # (10, 10): l/r = 10/30 = 1/3, t/b = 10/10 = 1 -> sqrt(1/3)
     _, scores, _ = assign([(16, 8), (8, 4), (30, 15), (10, 10)], [(0, 0, 40, 20)], **PLAIN)
     torch.testing.assert_close(scores, torch.tensor([2 / 3, 1 / 4, 1 / 3, (1 / 3) ** 0.5]))
+
+
+def test_centerness_denominators_are_clamped_for_degenerate_boxes():
+    # A 0.01-px-wide box around x = 8: l and r are about 0.005 < 0.01, so min(l, r) / 0.01 is
+    # about 1/2 (the authors' clamp) and ctr = sqrt(1/2 * 8/8); without the clamp ctr would be 1.
+    _, scores, _ = assign([(8, 8)], [(7.995, 0, 8.005, 16)], **PLAIN)
+    assert scores.item() == pytest.approx(0.5 ** 0.5, abs=1e-3)
 
 
 # --- core zone -----------------------------------------------------------------------------------

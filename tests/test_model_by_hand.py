@@ -295,6 +295,7 @@ def test_crowded_level_selects_points_then_classes(nms, max_dets):
     points = [torch.stack(torch.meshgrid(torch.arange(0.0, 320, s), torch.arange(0.0, 320, s),
                                          indexing="xy"), dim=-1).reshape(-1, 2) for s in strides]
     scores = [torch.rand(len(p), num_classes, generator=g) for p in points]
+    scores[0][::7, 1] = 0.05  # exactly the threshold: not a candidate (score > threshold)
     distances = [torch.rand(len(p), 4, generator=g) * 40 + 2 for p in points]
     model = make_dsla([grid(0, num_classes)], [grid(0, 4)], strides=strides,
                       num_classes=num_classes, test_nms_thresh=nms,
