@@ -1,7 +1,7 @@
 """
-Tests for dsla.assignment (DSLA spec §3): a hand-computed case for every assignment rule, then
-exact agreement with the unchunked computation and with the loop-and-sort reference in
-benchmarks/reference_assignment.py.
+Tests for dsla.assignment (docs/METHOD.md, "Smooth label assignment"): a hand-computed case for
+every assignment rule, then exact agreement with the unchunked computation and with the
+loop-and-sort reference in benchmarks/reference_assignment.py.
 
 Most cases use one point and one box centred on it: l = r and t = b make the centerness exactly 1,
 so the score isolates the rule under test.
@@ -15,9 +15,11 @@ import torch
 from dsla.assignment import (
     BOX_CHUNK_SIZE,
     _assign_in_chunks,
+    _relaxed_ranges,
     assign_smooth_labels,
     level_point_info,
 )
+from dsla.points import grid_points
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 3
@@ -55,13 +57,8 @@ def centred_score(half_size, level, **options):
 
 
 def image_points(height=256, width=320):
-    """All points of an image on the five levels (spec §2: no half-stride offset)."""
-    per_level = []
-    for s in STRIDES:
-        ys, xs = torch.meshgrid(torch.arange(0, height, s), torch.arange(0, width, s),
-                                indexing="ij")
-        per_level.append(torch.stack([xs.flatten(), ys.flatten()], dim=1).float())
-    return level_point_info(per_level, STRIDES, LEVEL_RANGES)
+    """All points of an image on the five levels, with their strides and ranges."""
+    return level_point_info(grid_points((height, width), STRIDES), STRIDES, LEVEL_RANGES)
 
 
 def random_boxes(num_boxes, height=256, width=320, seed=0):
@@ -83,7 +80,7 @@ def random_boxes(num_boxes, height=256, width=320, seed=0):
     return boxes, classes
 
 
-# --- §3.2 inside test ----------------------------------------------------------------------------
+# --- inside test ---------------------------------------------------------------------------------
 
 def test_inside_test_is_strict():
     # Box (0, 0, 16, 16). A point on any edge has one distance exactly 0: outside.
@@ -97,9 +94,13 @@ def test_inside_test_is_strict():
     torch.testing.assert_close(scores, expected)
     assert (matched[:4] == 0).all()
     assert (matched[4:] == torch.tensor([0.0, 0, 16, 16])).all()
+    # With the core zone an edge point matters: (8, 8) on the left edge of (8, 4, 16, 12) is
+    # within s/2 = 4 of the centre (12, 8) and would get ctr = 1 if the edge counted as inside.
+    labels, scores, _ = assign([(8, 8)], [(8, 4, 16, 12)], core_zone=True)
+    assert labels.item() == BACKGROUND and scores.item() == 0.0
 
 
-# --- §3.3 centerness -----------------------------------------------------------------------------
+# --- centerness ----------------------------------------------------------------------------------
 
 def test_centerness_at_off_centre_points():
     # Box (0, 0, 40, 20), every m <= 32 so the scale score is 1.
@@ -111,7 +112,14 @@ def test_centerness_at_off_centre_points():
     torch.testing.assert_close(scores, torch.tensor([2 / 3, 1 / 4, 1 / 3, (1 / 3) ** 0.5]))
 
 
-# --- §3.4 core zone ------------------------------------------------------------------------------
+def test_centerness_denominators_are_clamped_for_degenerate_boxes():
+    # A 0.01-px-wide box around x = 8: l and r are about 0.005 < 0.01, so min(l, r) / 0.01 is
+    # about 1/2 (the authors' clamp) and ctr = sqrt(1/2 * 8/8); without the clamp ctr would be 1.
+    _, scores, _ = assign([(8, 8)], [(7.995, 0, 8.005, 16)], **PLAIN)
+    assert scores.item() == pytest.approx(0.5 ** 0.5, abs=1e-3)
+
+
+# --- core zone -----------------------------------------------------------------------------------
 
 def test_core_zone_gives_full_label_near_the_centre():
     # Box (4, 4, 18, 18), centre (11, 11), stride 8 (s/2 = 4); the centre is between points.
@@ -137,7 +145,7 @@ def test_core_zone_border_is_inclusive_and_needs_an_inside_point():
     assert labels.item() == BACKGROUND and scores.item() == 0.0
 
 
-# --- §3.5 scale score ----------------------------------------------------------------------------
+# --- scale score ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("level, half_size, expected", [
     # (64, 128), f = 0.2: [rlo, rhi] = [int(51.2), int(153.6)] = [51, 153]
@@ -168,13 +176,14 @@ def test_relaxed_scale_score(level, half_size, expected):
     assert score == pytest.approx(expected, abs=1e-6)
 
 
-def test_relaxed_range_uses_python_int_of_a_double_product():
-    # The spec's int(lo * (1 - f)) in double: 64 * 0.8 = 51.2 -> 51, and a case where float32
-    # would round differently: 90 * 0.7 = 62.999.. -> 62 (float32 gives 63.0 -> 63), and
-    # 180 * 1.3 = 234.00..04 -> 234 (float32 gives 233.99998 -> 233).
-    assert int(64 * (1 - 0.2)) == 51
-    assert (int(90 * (1 - 0.3)), int(180 * (1 + 0.3))) == (62, 234)
-    assert int(torch.tensor(90.0) * (1 - 0.3)) == 63  # why float64 is needed
+def test_relaxed_range_truncates_a_double_product():
+    # The authors' int(lo * (1 - f)) in double precision: 64 * 0.8 = 51.2 -> 51 and
+    # 128 * 1.2 = 153.6 -> 153 (rounding would give 154); 90 * 0.7 = 62.999.. -> 62 (float32
+    # would give 63.0 -> 63) and 180 * 1.3 = 234.00..04 -> 234 (float32: 233.99998 -> 233).
+    _, _, rlo, rhi = _relaxed_ranges(torch.tensor([[64.0, 128.0]]), 0.2)
+    assert (rlo.item(), rhi.item()) == (51.0, 153.0)
+    _, _, rlo, rhi = _relaxed_ranges(torch.tensor([[90.0, 180.0]]), 0.3)
+    assert (rlo.item(), rhi.item()) == (62.0, 234.0)
     # (76 - 62) / (90 - 62) = 0.5   (rlo = 63 would give 13/27)
     assert centred_score(76, (90, 180), relaxation_factor=0.3) == pytest.approx(0.5, abs=1e-6)
     # (234 - 200) / (234 - 180) = 17/27   (rhi = 233 would give 33/53)
@@ -218,7 +227,7 @@ def test_box_near_a_level_boundary_trains_both_levels(half_size, small_level, la
     torch.testing.assert_close(scores, torch.tensor([small_level, large_level]))
 
 
-# --- §3.2 centre sampling ------------------------------------------------------------------------
+# --- centre sampling -----------------------------------------------------------------------------
 
 def test_center_sampling_region_scales_with_the_point_stride():
     # Box (0, 0, 100, 100), centre (50, 50). R = 1.5, stride 8: region (38, 38, 62, 62).
@@ -245,7 +254,7 @@ def test_center_sampling_region_is_clipped_to_the_box():
     assert scores.tolist() == [0.0, 1.0]
 
 
-# --- §3.7 choice of box --------------------------------------------------------------------------
+# --- choice of box -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_largest_smooth_label_wins_over_smaller_box(reverse):
@@ -285,7 +294,7 @@ def test_equal_labels_and_areas_go_to_the_lower_index(chunk_size):
         assert labels.item() == classes[0]
 
 
-# --- §3.8 empty images, shapes, dtypes -----------------------------------------------------------
+# --- empty images, shapes, dtypes ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_empty_image_is_all_background(dtype):
@@ -382,15 +391,14 @@ def test_matches_loop_and_sort_reference(options):
 
 
 def test_pairwise_smooth_labels_agree_with_assignment():
-    # q* of every point is the largest pairwise q over the boxes (spec §3.7).
+    # q* of every point is the largest pairwise q over the boxes (docs/METHOD.md, "Choice of
+    # box").
     from dsla.assignment import pairwise_smooth_labels
 
     g = torch.Generator().manual_seed(3)
     points, strides, ranges = level_point_info(
-        [torch.stack(torch.meshgrid(torch.arange(0, 256, s), torch.arange(0, 256, s),
-                                    indexing="xy"), -1).reshape(-1, 2).float()
-         for s in (8, 16, 32, 64, 128)],
-        [8, 16, 32, 64, 128], [(0, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)])
+        grid_points((256, 256), STRIDES), STRIDES,
+        [(0, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)])
     xy = torch.rand(40, 2, generator=g) * 200
     boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 120 + 4], dim=1)
     for options in [{}, {"relaxation_factor": 0.0, "core_zone": False,

@@ -37,7 +37,8 @@ def test_config_builds(path):
     arch = cfg.MODEL.META_ARCHITECTURE
     assert type(model).__name__ == arch
     assert model.head_in_features == ["p3", "p4", "p5", "p6", "p7"]
-    # P6/P7 come from the 256-channel (or OUT_CHANNELS) P5 output, not from C5 (§1).
+    # P6/P7 come from the 256-channel (or OUT_CHANNELS) P5 output, not from C5 (docs/METHOD.md,
+    # "Network").
     assert model.backbone.top_block.p6.in_channels == cfg.MODEL.FPN.OUT_CHANNELS
     assert model.backbone.size_divisibility == 128
 

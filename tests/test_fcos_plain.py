@@ -179,10 +179,10 @@ def test_score_is_cls_times_centerness(ctr_prob):
         model.head.centerness.bias.fill_(math.log(ctr_prob / (1 - ctr_prob)))
         model.head.bbox_pred.bias.fill_(6.0)
         inst = model(make_inputs([[]]))[0]["instances"]
-    assert sorted(inst.pred_classes.tolist()) == list(range(6))
+    assert sorted(inst.pred_classes.tolist()) == list(range(model.num_classes))
     # cls x ctr: not cls alone (0.5), not detectron2's sqrt(cls x ctr).
-    assert inst.scores.tolist() == pytest.approx([0.5 * ctr_prob] * 6)
-    assert inst.pred_boxes.tensor.tolist() == [[0.0, 0.0, 128.0, 128.0]] * 6
+    assert inst.scores.tolist() == pytest.approx([0.5 * ctr_prob] * model.num_classes)
+    assert inst.pred_boxes.tensor.tolist() == [[0.0, 0.0, 128.0, 128.0]] * model.num_classes
 
 
 def test_tricks_config_trains_on_a_batch(storage):

@@ -1,4 +1,5 @@
-"""Hand-computed checks of the losses (§5), the IoU coupling (§4) and the head (§1)."""
+"""Hand-computed checks of the loss functions and the head (docs/METHOD.md, "Losses" and
+"Network"); the losses of the whole model are in test_model_by_hand.py."""
 import math
 
 import pytest
@@ -32,7 +33,8 @@ def test_qfl_nonzero_logits_and_beta():
 
 
 def test_qfl_zero_target_equals_background():
-    # A positive whose coupled target is 0 is trained exactly like background (§4).
+    # A positive whose coupled target is 0 is trained exactly like background (docs/METHOD.md,
+    # "IoU coupling").
     logits = torch.randn(3, 4)
     as_pos = quality_focal_loss(logits, torch.tensor([2, 4, 4]), torch.zeros(3))
     as_bg = quality_focal_loss(logits, torch.tensor([4, 4, 4]), torch.zeros(3))

@@ -2,7 +2,20 @@
 
 Importing this package registers, in detectron2's registries: the ``DSLA`` and ``FCOS``
 meta-architectures, the ``build_dsla_resnet_fpn_backbone`` backbone, and the built-in
-``shapes_train`` / ``shapes_val`` datasets.
+``shapes_train`` / ``shapes_val`` datasets. docs/METHOD.md describes the computation.
+
+Shape letters, the same in every module and docstring:
+
+    N       images of a batch
+    L       FPN levels (5: P3-P7)
+    Hi, Wi  height and width of the grid of level i
+    Pi      points of level i (Hi·Wi)
+    P       points of one image, all levels, level by level (sum of Pi)
+    G       ground-truth boxes of one image
+    C       foreground classes (the background label is C)
+    E       candidate (box, point) pairs: pairs whose point passes the inside test
+    K       positive points (q* > 0) of the batch
+    D       detections (of one image, or of a dataset when said so)
 """
 import warnings
 

@@ -1,6 +1,6 @@
 """Score-localisation consistency: match detections to ground truth, correlate score with IoU.
 
-DSLA's claim (DSLA_SPEC §4, dynamic IoU coupling) is that coupling the classification target with
+DSLA's claim (docs/METHOD.md, "IoU coupling") is that coupling the classification target with
 the IoU makes the score rank boxes by localisation quality, so that NMS keeps the best-localised
 box. This module measures that on a dataset, with pure functions that
 ``tools/analyze_consistency.py`` and the benchmarks share, and one detectron2 ``DatasetEvaluator``
@@ -13,15 +13,15 @@ same-class box, or overlapping none, gets IoU 0. All detections are kept: a conf
 with IoU 0 is exactly the inconsistency being measured. ``correlations_by_rule`` also reports
 the subset with IoU > 0 (detections that localise *some* object).
 
-Shape letters: D = detections of one image, G = ground-truth boxes of one image,
-N = detections of the whole dataset.
+Shape letters (docs/METHOD.md, "Shape letters"): D = detections (of one image, or of the whole
+dataset where said), G = ground-truth boxes of one image.
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from scipy import stats
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
@@ -83,50 +83,51 @@ def match_detections(
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """
-    Pearson correlation of two equally long samples.
+    Pearson correlation of two equally long samples (``scipy.stats.pearsonr``).
 
     Args:
-        x, y: array-likes of shape [N].
+        x, y: array-likes of shape [D].
 
     Returns:
-        float in [-1, 1]; NaN when N < 2 or either sample is constant (undefined).
+        float in [-1, 1]; NaN when D < 2 or either sample is constant (undefined).
     """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    assert x.shape == y.shape and x.ndim == 1, (x.shape, y.shape)
-    if len(x) < 2:
-        return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    if denom == 0.0:
-        return math.nan
-    # Clip the round-off of perfectly (anti-)correlated samples back into [-1, 1].
-    return float(np.clip(float(dx @ dy) / denom, -1.0, 1.0))
+    x, y = _samples(x, y)
+    return float(stats.pearsonr(x, y).statistic) if _defined(x, y) else math.nan
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """
-    Spearman rank correlation: the Pearson correlation of the ranks, ties getting their average
-    rank (the same value as ``scipy.stats.spearmanr``).
+    Spearman rank correlation (``scipy.stats.spearmanr``; ties get their average rank).
 
     Args:
-        x, y: array-likes of shape [N].
+        x, y: array-likes of shape [D].
 
     Returns:
-        float in [-1, 1]; NaN when undefined (N < 2 or a constant sample).
+        float in [-1, 1]; NaN when undefined (D < 2 or a constant sample).
     """
+    x, y = _samples(x, y)
+    return float(stats.spearmanr(x, y).statistic) if _defined(x, y) else math.nan
+
+
+def _samples(x, y) -> Tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 2:
-        return math.nan
-    return pearson(rankdata(x), rankdata(y))
+    assert x.shape == y.shape and x.ndim == 1, (x.shape, y.shape)
+    return x, y
+
+
+def _defined(x: np.ndarray, y: np.ndarray) -> bool:
+    """A correlation needs two points and two non-constant samples (scipy would warn and give
+    NaN; asking first keeps the logs quiet)."""
+    return len(x) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0
 
 
 def correlations(scores: Sequence[float], ious: Sequence[float]) -> Dict[str, Optional[float]]:
     """
     Args:
-        scores, ious: array-likes of shape [N], one entry per detection.
+        scores, ious: array-likes of shape [D], one entry per detection.
 
     Returns:
-        dict with ``num_detections`` (N), ``spearman``, ``pearson`` and ``mean_iou``; undefined
+        dict with ``num_detections`` (D), ``spearman``, ``pearson`` and ``mean_iou``; undefined
         values are None (so that the dict is valid JSON).
     """
     scores, ious = np.asarray(scores, dtype=np.float64), np.asarray(ious, dtype=np.float64)
@@ -143,7 +144,7 @@ def correlations_by_rule(scores: Sequence[float], ious: Sequence[float]) -> Dict
     :func:`correlations` of all detections (top level) and of those with IoU > 0 (``iou_positive``).
 
     Args:
-        scores, ious: array-likes of shape [N].
+        scores, ious: array-likes of shape [D].
 
     Returns:
         dict: ``rule``, the keys of :func:`correlations`, and ``iou_positive`` (same keys).
@@ -188,7 +189,7 @@ class ScoreIoUEvaluator(DatasetEvaluator):
     """
     Collects (score, IoU with the matched ground truth, class) for every detection during
     ``inference_on_dataset``; ``evaluate()`` returns ``{"consistency": correlations_by_rule}``.
-    The collected arrays stay readable afterwards as ``scores``, ``ious`` and ``classes`` ([N]).
+    The collected arrays stay readable afterwards as ``scores``, ``ious`` and ``classes`` ([D], the whole dataset).
     """
 
     def __init__(self, dataset_dicts: List[Dict]):

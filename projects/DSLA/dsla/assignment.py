@@ -1,17 +1,15 @@
-"""Dynamic smooth label assignment (DSLA spec §3) as pure, vectorised tensor functions.
+"""Dynamic smooth label assignment (docs/METHOD.md, "Smooth label assignment") as pure,
+vectorised tensor functions.
 
-Shape letters used in this module:
-    P: points of one image, all FPN levels concatenated level by level
-    G: ground-truth boxes of the image
-    C: ground-truth boxes in one chunk (C <= chunk size)
+Shape letters (docs/METHOD.md, "Shape letters"): L levels, Pi points of level i, P points of one
+image (all levels, level by level), G ground-truth boxes of the image, E candidate (box, point)
+pairs, i.e. pairs whose point passes the inside test; a chunk holds at most BOX_CHUNK_SIZE boxes.
 
-    K: candidate (box, point) pairs, i.e. pairs whose point passes the inside test (§3.2)
-
-Every point p is scored against every box g with the smooth label q(p, g) = ctr · scale_score
-(spec §3.6); a point takes the box with the largest q (spec §3.7). Only the strict inside test
-is evaluated densely, on [C, P] boolean masks for chunks of boxes (bounded memory however
-crowded the image); the rest of the math runs on the K candidate pairs, which are few because a
-box covers a small part of the image, and the per-point choice is a scatter-reduction.
+Every point p is scored against every box g with the smooth label q(p, g) = ctr · scale_score;
+a point takes the box with the largest q. Only the strict inside test is evaluated densely, on
+[chunk, P] boolean masks for chunks of boxes (bounded memory however crowded the image); the
+rest of the math runs on the E candidate pairs, which are few because a box covers a small part
+of the image, and the per-point choice is a scatter-reduction.
 """
 from typing import Sequence, Tuple
 
@@ -20,7 +18,7 @@ from torch import Tensor
 
 __all__ = ["BOX_CHUNK_SIZE", "assign_smooth_labels", "level_point_info", "pairwise_smooth_labels"]
 
-# Boxes per chunk of the dense inside test: with ~26k points (800x1333) a [C, P] bool mask is
+# Boxes per chunk of the dense inside test: with ~26k points (800x1333) a [chunk, P] bool mask is
 # ~0.4 MB, so the dense part stays small whatever G is.
 BOX_CHUNK_SIZE = 16
 
@@ -36,7 +34,8 @@ def level_point_info(
     Args:
         points_per_level (list[Tensor]): L tensors of shape [Pi, 2], the (x, y) of level i's points.
         strides (list[int]): L strides, one per level.
-        regress_ranges (list[tuple[float, float]]): L (lo, hi) ranges, one per level (spec §2).
+        regress_ranges (list[tuple[float, float]]): L (lo, hi) ranges, one per level
+            (docs/METHOD.md, "Points").
 
     Returns:
         points (Tensor[P, 2]), strides (Tensor[P]), regress_ranges (Tensor[P, 2]) with
@@ -58,7 +57,8 @@ def level_point_info(
 def assign_smooth_labels(points, strides, regress_ranges, gt_boxes, gt_classes, num_classes, *,
                          relaxation_factor=0.2, core_zone=True, center_sampling_radius=0.0):
     """
-    Assign each point its target box, class and smooth label q* (spec §3).
+    Assign each point its target box, class and smooth label q* (docs/METHOD.md, "Smooth label
+    assignment").
 
     Args:
         points (Tensor[P, 2]): (x, y) of every point, float.
@@ -67,9 +67,11 @@ def assign_smooth_labels(points, strides, regress_ranges, gt_boxes, gt_classes, 
         gt_boxes (Tensor[G, 4]): ground-truth boxes, xyxy. G may be 0.
         gt_classes (Tensor[G]): long class of each box, in [0, num_classes).
         num_classes (int): number of foreground classes; also the background label.
-        relaxation_factor (float): interval relaxation f (spec §3.5); 0 turns it off.
-        core_zone (bool): give ctr = 1 to points within half a stride of the box centre (§3.4).
-        center_sampling_radius (float): centre sampling radius R in strides; 0 turns it off (§3.2).
+        relaxation_factor (float): interval relaxation f ("Scale score"); 0 turns it off.
+        core_zone (bool): give ctr = 1 to points within half a stride of the box centre
+            ("Core zone").
+        center_sampling_radius (float): centre sampling radius R in strides; 0 turns it off
+            ("Inside test").
 
     Returns:
         labels (Tensor[P] long): class of g*, or ``num_classes`` for background (q* = 0).
@@ -86,8 +88,9 @@ def assign_smooth_labels(points, strides, regress_ranges, gt_boxes, gt_classes, 
 def pairwise_smooth_labels(points, strides, regress_ranges, gt_boxes, *, relaxation_factor=0.2,
                            core_zone=True, center_sampling_radius=0.0):
     """
-    The smooth label q(p, g) of every (box, point) pair (spec §3.1-§3.6), before the per-point
-    choice of §3.7. Dense output, memory O(G x P): for training use :func:`assign_smooth_labels`.
+    The smooth label q(p, g) of every (box, point) pair, before the per-point choice of a box
+    (docs/METHOD.md, "Choice of box"). Dense output, memory O(G x P): for training use
+    :func:`assign_smooth_labels`.
     Used by the FCOS baseline (which picks boxes by area, not q) and the visualisation.
 
     Args:
@@ -127,16 +130,16 @@ def _assign_in_chunks(points, strides, regress_ranges, gt_boxes, gt_classes, num
 
 def _candidate_pairs(points, strides, boxes, radius, chunk_size) -> Tuple[Tensor, Tensor]:
     """
-    Spec §3.2: the (box, point) pairs whose point is strictly inside the box, or, with centre
-    sampling (radius R > 0), strictly inside [cx - R·s, cy - R·s, cx + R·s, cy + R·s] clipped
-    to the box (s = the point's stride).
+    Inside test (docs/METHOD.md): the (box, point) pairs whose point is strictly inside the box,
+    or, with centre sampling (radius R > 0), strictly inside [cx - R·s, cy - R·s, cx + R·s,
+    cy + R·s] clipped to the box (s = the point's stride).
 
     Args:
         points (Tensor[P, 2]), strides (Tensor[P]), boxes (Tensor[G, 4]), radius (float),
-        chunk_size (int): boxes per dense [C, P] mask.
+        chunk_size (int): boxes per dense [chunk, P] mask.
 
     Returns:
-        g_idx, p_idx (Tensor[K] long): box and point index of every pair, ordered by box.
+        g_idx, p_idx (Tensor[E] long): box and point index of every pair, ordered by box.
     """
     x, y = points[None, :, 0], points[None, :, 1]
     reach = strides.to(points.dtype)[None, :] * radius
@@ -157,15 +160,16 @@ def _candidate_pairs(points, strides, boxes, radius, chunk_size) -> Tuple[Tensor
 def _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx, p_idx, relaxation_factor,
                         core_zone) -> Tensor:
     """
-    Spec §3.3-§3.6: q = ctr · scale_score of candidate pairs (whose point is inside the box).
+    q = ctr · scale_score of candidate pairs (whose point is inside the box): docs/METHOD.md,
+    "Centerness", "Core zone", "Scale score", "Smooth label".
 
     Args:
         points (Tensor[P, 2]), strides (Tensor[P]), regress_ranges (Tensor[P, 2]),
-        boxes (Tensor[G, 4]), g_idx / p_idx (Tensor[K]): the pairs; relaxation_factor (float),
+        boxes (Tensor[G, 4]), g_idx / p_idx (Tensor[E]): the pairs; relaxation_factor (float),
         core_zone (bool).
 
     Returns:
-        Tensor[K]: q of each pair.
+        Tensor[E]: q of each pair.
     """
     x, y = points[p_idx].unbind(dim=1)
     x0, y0, x1, y1 = boxes[g_idx].unbind(dim=1)
@@ -174,12 +178,12 @@ def _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx, p_idx, re
     tb = torch.minimum(top, bottom).clamp(min=0) / torch.maximum(top, bottom).clamp(min=0.01)
     ctr = torch.sqrt(lr * tb)
     if core_zone:
-        # Spec §3.4: a box whose centre falls between points would otherwise get only tiny
+        # Core zone: a box whose centre falls between points would otherwise get only tiny
         # labels; the points within half a stride of its centre get ctr = 1.
         half = strides.to(points.dtype)[p_idx] / 2
         core = ((x - (x0 + x1) / 2).abs() <= half) & ((y - (y0 + y1) / 2).abs() <= half)
         ctr = torch.where(core, torch.ones_like(ctr), ctr)
-    # Spec §3.5: the scale measure is the max of the raw distances.
+    # Scale score: the measure is the max of the raw distances.
     m = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
     lo, hi, rlo, rhi = _relaxed_ranges(regress_ranges.to(points.dtype)[p_idx], relaxation_factor)
     # The ramps are negative beyond rlo / rhi, so clamping at 0 gives the "0 outside" case.
@@ -192,18 +196,18 @@ def _pair_smooth_labels(points, strides, regress_ranges, boxes, g_idx, p_idx, re
 def _relaxed_ranges(regress_ranges: Tensor, relaxation_factor: float) -> Tuple[Tensor, ...]:
     """
     Args:
-        regress_ranges (Tensor[K, 2]): (lo, hi) per pair.
+        regress_ranges (Tensor[E, 2]): (lo, hi) per pair.
         relaxation_factor (float): f.
 
     Returns:
-        lo, hi, rlo, rhi: four Tensor[K] in the dtype of ``regress_ranges``.
+        lo, hi, rlo, rhi: four Tensor[E] in the dtype of ``regress_ranges``.
     """
     lo, hi = regress_ranges.unbind(dim=1)
     if relaxation_factor <= 0:
-        # Relaxation off: empty ramps, i.e. the hard 0/1 range test (spec §3.5).
+        # Relaxation off: empty ramps, i.e. the hard 0/1 range test.
         return lo, hi, lo, hi
-    # Spec §3.5 uses Python int() of a double product (64 * 0.8 -> 51); float64 + trunc matches it
-    # exactly, float32 does not always (90 * 0.7 is 62.99.. in float64 but 63.0 in float32).
+    # The authors' code takes Python int() of a double product (64 * 0.8 -> 51); float64 + trunc
+    # matches it exactly, float32 does not always (90 * 0.7 is 62.99.. in float64, 63.0 in float32).
     f = float(relaxation_factor)
     rlo = torch.trunc(lo.double() * (1.0 - f)).to(lo.dtype)
     rhi = torch.trunc(hi.double() * (1.0 + f)).to(hi.dtype)
@@ -212,11 +216,11 @@ def _relaxed_ranges(regress_ranges: Tensor, relaxation_factor: float) -> Tuple[T
 
 def _best_box_per_point(q, g_idx, p_idx, boxes, num_points) -> Tuple[Tensor, Tensor]:
     """
-    Spec §3.7 without sorting: per point, the largest q; among equal q the smaller box area;
-    among equal areas the lower box index (three scatter-reductions over the pairs).
+    Choice of box (docs/METHOD.md) without sorting: per point, the largest q; among equal q the
+    smaller box area; among equal areas the lower box index (three scatter-reductions).
 
     Args:
-        q, g_idx, p_idx (Tensor[K]): pairs and their smooth labels. boxes (Tensor[G, 4]).
+        q, g_idx, p_idx (Tensor[E]): pairs and their smooth labels. boxes (Tensor[G, 4]).
         num_points (int): P.
 
     Returns:
@@ -238,7 +242,8 @@ def _best_box_per_point(q, g_idx, p_idx, boxes, num_points) -> Tuple[Tensor, Ten
 def _gather_targets(best_q, best_idx, gt_boxes, gt_classes, num_classes):
     """
     Turn the per-point best (q*, index) into (labels, scores, matched_boxes); q* <= 0 is
-    background (spec §3.7-§3.8). best_q, best_idx: Tensor[P]. Shapes as in assign_smooth_labels.
+    background (docs/METHOD.md, "Choice of box"). best_q, best_idx: Tensor[P]. Shapes as in
+    assign_smooth_labels.
     """
     positive = best_q > 0
     num_points = best_q.shape[0]

@@ -1,6 +1,8 @@
-"""The DSLA head: a classification tower and a regression tower, no centerness branch (§1).
+"""The DSLA head: a classification tower and a regression tower, no centerness branch
+(docs/METHOD.md, "Network").
 
-Shape letters: N = images, C = classes, L = levels, Hi x Wi = size of level i.
+Shape letters (docs/METHOD.md, "Shape letters"): N images, C classes, L levels, Hi x Wi the grid
+of level i; Cin the feature channels.
 """
 import math
 from typing import List

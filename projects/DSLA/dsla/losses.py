@@ -1,6 +1,8 @@
-"""DSLA losses (DSLA_SPEC §5) as plain functions, computed in float32 even under autocast.
+"""DSLA losses (docs/METHOD.md, "Losses") as plain functions, computed in float32 even under
+autocast, as the authors' head forces float32 for its losses.
 
-Shape letters: R = points (all images of the batch flattened), C = classes, K = positive points.
+Shape letters (docs/METHOD.md, "Shape letters"): N images, P points of one image, C classes,
+K positive points of the batch.
 """
 import torch
 import torch.nn.functional as F
@@ -21,13 +23,13 @@ def quality_focal_loss(logits, labels, targets, beta: float = 2.0):
     target-class entry of a positive point, ``BCE(sigmoid(z), y) * |y - sigmoid(z)|^beta``.
 
     Args:
-        logits: ``[R, C]`` class logits.
-        labels: ``[R]`` long, target class; ``C`` (or any value outside [0, C)) = background.
-        targets: ``[R]`` soft target y in [0, 1] for the target class (ignored for background).
+        logits: ``[N·P, C]`` class logits of every point of the batch.
+        labels: ``[N·P]`` long, target class; ``C`` (or any value outside [0, C)) = background.
+        targets: ``[N·P]`` soft target y in [0, 1] for the target class (ignored for background).
         beta: focusing exponent.
 
     Returns:
-        Tensor: scalar float32 sum over all R x C entries.
+        Tensor: scalar float32 sum over all N·P x C entries.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = logits.float()
@@ -76,7 +78,7 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     Average a scalar tensor over all workers (identity with one worker).
 
     Every rank must call this every iteration, whether or not it has positives, or the
-    collective deadlocks (STYLE.md convention 4).
+    collective deadlocks (docs/METHOD.md, "Losses": normalisers).
     """
     world_size = comm.get_world_size()
     if world_size > 1:
