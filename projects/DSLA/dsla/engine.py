@@ -20,6 +20,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .cli import check_weights, exit_on_user_error, load_config
+from .cpu_amp import CPUAutocast, uses_cpu_autocast
 from .data import check_num_classes, register_coco_dataset
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "cli"]
@@ -55,9 +56,17 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer + COCOEvaluator, SGD/AdamW, ``CLIP_TYPE: "full_model"`` and CPU DDP."""
 
     def __init__(self, cfg):
+        cpu_amp = uses_cpu_autocast(cfg)
+        if cpu_amp:  # detectron2's AMPTrainer is CUDA-only: train in bfloat16 with dsla.cpu_amp
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.AMP.ENABLED = False
+            cfg.freeze()
         # detectron2 pins DDP to a GPU index; on CPU (gloo) DDP needs device_ids=None.
         with mock.patch.object(d2_defaults, "create_ddp_model", _create_ddp_model):
             super().__init__(cfg)
+        if cpu_amp:
+            self._trainer.model = CPUAutocast(self._trainer.model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

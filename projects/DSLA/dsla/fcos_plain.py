@@ -33,6 +33,7 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import level_point_info
@@ -142,7 +143,12 @@ class FCOSPlain(DSLA):
             loss_ctr = F.binary_cross_entropy_with_logits(
                 cat(pred_ctr, dim=1).squeeze(2)[pos].float(), pos_ctr.float(), reduction="sum"
             )
-        get_event_storage().put_scalar("fcos/num_pos_per_image", pos.sum().item() / num_images)
+        storage = get_event_storage()
+        storage.put_scalar("fcos/num_pos_per_image", pos.sum().item() / num_images)
+        if pos_ctr.numel() > 0:  # the same curves as DSLA's (dsla/pos_iou_mean)
+            iou = matched_pairwise_iou(Boxes(pred_boxes.detach().float()),
+                                       Boxes(matched_boxes[pos].float()))
+            storage.put_scalar("fcos/pos_iou_mean", iou.mean().item())
         return {
             "loss_fcos_cls": self.cls_loss_weight * loss_cls / num_pos,
             "loss_fcos_loc": self.box_loss_weight * loss_box / ctr_sum,

@@ -130,6 +130,8 @@ class DSLA(DenseDetector):
         )
         anchors = self.anchor_generator(features)
         labels, scores, matched_boxes = self.label_points(anchors, gt_instances)
+        get_event_storage().put_scalar(
+            "dsla/num_gt_per_image", sum(len(x) for x in gt_instances) / len(gt_instances))
         return self.losses(anchors, pred_logits, pred_dists, labels, scores, matched_boxes)
 
     @torch.no_grad()
@@ -234,14 +236,28 @@ class DSLA(DenseDetector):
         # With no positive the sum is an empty (zero) sum that is still connected to the graph.
         loss_box = box_iou_loss(pred_boxes, gt_boxes, smooth_labels, self.box_loss_type)
 
-        storage = get_event_storage()
-        storage.put_scalar("dsla/num_pos_per_image", pos.sum().item() / num_images)
-        if iou.numel() > 0:
-            storage.put_scalar("dsla/pos_iou_mean", iou.mean().item())
+        self._log_target_statistics(pos, iou, smooth_labels, cls_y)
         return {
             "loss_dsla_cls": self.cls_loss_weight * loss_cls / cls_norm,
             "loss_dsla_box": self.box_loss_weight * loss_box / box_norm,
         }
+
+    @staticmethod
+    def _log_target_statistics(pos, iou, smooth_labels, cls_targets):
+        """
+        Training curves of the targets (``metrics.json``, TensorBoard): positive points per
+        image, and the mean over positives of the IoU of their predicted box, of q* and of the
+        classification target (IoU x q* with coupling on).
+
+        Args:
+            pos: ``[N, P]`` bool; iou, smooth_labels, cls_targets: ``[K]``.
+        """
+        storage = get_event_storage()
+        storage.put_scalar("dsla/num_pos_per_image", pos.sum().item() / pos.shape[0])
+        if iou.numel() > 0:
+            storage.put_scalar("dsla/pos_iou_mean", iou.mean().item())
+            storage.put_scalar("dsla/pos_q_mean", smooth_labels.mean().item())
+            storage.put_scalar("dsla/pos_cls_target_mean", cls_targets.mean().item())
 
     def forward_inference(self, images, features, predictions):
         pred_logits, pred_dists = self._transpose_dense_predictions(
