@@ -64,6 +64,19 @@ class FCOS(_D2FCOS):
             **dense_detector_kwargs(cfg, c),
         }
 
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+               pred_centerness):
+        """
+        detectron2's FCOS losses, computed in float32 also under mixed precision (as DSLA's):
+        fvcore's GIoU loss fails on bfloat16 boxes (``dsla.cpu_amp``). Arguments as in
+        detectron2's ``FCOS.losses``: per level ``[N, Pi, C]``, ``[N, Pi, 4]``, ``[N, Pi, 1]``.
+        """
+        with torch.autocast(device_type=pred_logits[0].device.type, enabled=False):
+            return super().losses(
+                anchors, [x.float() for x in pred_logits], gt_labels,
+                [x.float() for x in pred_anchor_deltas], gt_boxes,
+                [x.float() for x in pred_centerness])
+
     @torch.no_grad()
     def _match_anchors(self, gt_boxes: Boxes, anchors: List[Boxes]):
         """
