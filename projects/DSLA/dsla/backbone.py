@@ -103,13 +103,13 @@ def build_dsla_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
         ResNet: outputs ``MODEL.RESNETS.OUT_FEATURES`` (``res2``..``res5``, strides 4..32).
     """
     r = cfg.MODEL.RESNETS
+    if any(r.DEFORM_ON_PER_STAGE) and r.DEPTH not in _BOTTLENECK_BLOCKS:
+        raise UserError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE = {r.DEFORM_ON_PER_STAGE} needs a "
+                        f"bottleneck ResNet (DEPTH 50, 101 or 152), got DEPTH = {r.DEPTH}")
     if r.DEPTH in _BASIC_BLOCKS and r.RES2_OUT_CHANNELS != 64:
         return build_basic_block_resnet(cfg, input_shape)
     if not any(r.DEFORM_ON_PER_STAGE):
         return build_resnet_backbone(cfg, input_shape)
-    if r.DEPTH not in _BOTTLENECK_BLOCKS:
-        raise UserError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE = {r.DEFORM_ON_PER_STAGE} needs a "
-                        f"bottleneck ResNet (DEPTH 50, 101 or 152), got DEPTH = {r.DEPTH}")
     stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
