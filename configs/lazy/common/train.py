@@ -8,10 +8,14 @@ from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
 dataloader = get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.filter_empty = True  # detectron2's default, stated so overrides reach it
 dataloader.train.mapper.use_instance_mask = False
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=(800,), max_size=1333, sample_style="choice"),
     L(T.RandomFlip)(horizontal=True),
+]
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333, sample_style="choice"),
 ]
 # COCO evaluation results land where the yacs entry writes them.
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
