@@ -11,7 +11,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
-from detectron2.solver import LRMultiplier, build_lr_scheduler
+from detectron2.solver import build_lr_scheduler
 
 from conftest import REPO, make_inputs, tiny_cfg
 from dsla.engine import Trainer
@@ -98,13 +98,12 @@ def test_lazy_recipe_trains_as_the_yacs_recipe(path):
     assert _optimizer_settings(ours, model) == _optimizer_settings(theirs, model)
 
     assert cfg.train.max_iter == yacs.SOLVER.MAX_ITER
-    ours_lr = LRMultiplier(ours, instantiate(cfg.lr_multiplier), max_iter=cfg.train.max_iter)
-    theirs_lr = build_lr_scheduler(yacs, theirs)
-    lrs = []
-    for _ in range(cfg.train.max_iter):
-        lrs.append((ours.param_groups[0]["lr"], theirs.param_groups[0]["lr"]))
-        ours_lr.step(), theirs_lr.step()
-    assert [a for a, _ in lrs] == pytest.approx([b for _, b in lrs], rel=1e-12)
+    # The lr multiplier of every iteration, as LRMultiplier evaluates it (at iter / max_iter).
+    ours_lr = instantiate(cfg.lr_multiplier)
+    theirs_lr = build_lr_scheduler(yacs, theirs)._multiplier
+    fractions = [i / cfg.train.max_iter for i in range(cfg.train.max_iter)]
+    assert [ours_lr(t) for t in fractions] == pytest.approx([theirs_lr(t) for t in fractions],
+                                                            rel=1e-12)
 
 
 def _augmentations(mapper):
