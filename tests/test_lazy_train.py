@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from conftest import REPO
-from dsla.data import generate_shapes_dataset
 
 LAZY_CONFIG = os.path.join(REPO, "configs", "lazy", "Shapes", "dsla_R_18_FPN_cpu.py")
 YACS_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
@@ -22,15 +21,6 @@ TINY = ["dataloader.train.dataset.names=tiny_train", "dataloader.test.dataset.na
         "dataloader.test.mapper.augmentations.0.max_size=128",
         "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0"]
-
-
-@pytest.fixture(scope="module")
-def register(tmp_path_factory):
-    """A 12-image train and 6-image val split of the built-in generator, 128 px."""
-    root = str(tmp_path_factory.mktemp("shapes"))
-    train = generate_shapes_dataset(root, "train", num_images=12, seed=0, image_size=128)
-    val = generate_shapes_dataset(root, "val", num_images=6, seed=1, image_size=128)
-    return ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
 
 
 def run(command, *args):
@@ -48,9 +38,9 @@ def bbox(out):
 
 
 @pytest.fixture(scope="module")
-def trained(register, tmp_path_factory):
+def trained(tiny_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("lazy_train")
-    proc = lazy(*register, *TINY, "train.max_iter=6", f"train.output_dir={out}")
+    proc = lazy(*tiny_shapes, *TINY, "train.max_iter=6", f"train.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -63,12 +53,12 @@ def test_cpu_lazy_config_trains_and_evaluates(trained):
     assert "Starting training from iteration 0" in (trained / "log.txt").read_text()
 
 
-def test_eval_only_gives_the_yacs_entrys_ap(trained, register, tmp_path):
+def test_eval_only_gives_the_yacs_entrys_ap(trained, tiny_shapes, tmp_path):
     weights = str(trained / "model_final.pth")
-    proc = lazy("--eval-only", *register, *TINY, f"train.init_checkpoint={weights}",
+    proc = lazy("--eval-only", *tiny_shapes, *TINY, f"train.init_checkpoint={weights}",
                 f"train.output_dir={tmp_path / 'lazy'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run([TRAIN_NET, "--config-file", YACS_CONFIG, "--eval-only"], *register,
+    proc = run([TRAIN_NET, "--config-file", YACS_CONFIG, "--eval-only"], *tiny_shapes,
                "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
                "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
                "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", weights,
@@ -83,8 +73,8 @@ def test_eval_only_gives_the_yacs_entrys_ap(trained, register, tmp_path):
     (["--eval-only"], [], "--eval-only needs trained weights: pass train.init_checkpoint="),
     ([], ["model.num_classes=3"], "model.num_classes = 3"),
 ])
-def test_user_errors_end_in_one_line(register, tmp_path, flags, overrides, message):
-    proc = lazy(*flags, *register, *TINY, f"train.output_dir={tmp_path}", *overrides)
+def test_user_errors_end_in_one_line(tiny_shapes, tmp_path, flags, overrides, message):
+    proc = lazy(*flags, *tiny_shapes, *TINY, f"train.output_dir={tmp_path}", *overrides)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
