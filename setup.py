@@ -39,6 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dsla-train=dsla.engine:cli",
+            "dsla-lazy-train=dsla.lazy_engine:cli",
         ]
     },
 )

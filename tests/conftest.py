@@ -41,6 +41,18 @@ def make_inputs(boxes_per_image, classes_per_image=None, size=128, seed=0):
     return batch
 
 
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """``--register-coco`` arguments of a 12-image train (``tiny_train``) and 6-image val
+    (``tiny_val``) split of the built-in generator, 128 px."""
+    from dsla.data import generate_shapes_dataset
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    train = generate_shapes_dataset(root, "train", num_images=12, seed=0, image_size=128)
+    val = generate_shapes_dataset(root, "val", num_images=6, seed=1, image_size=128)
+    return ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
+
+
 @pytest.fixture
 def storage():
     from detectron2.utils.events import EventStorage

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from dsla.data import generate_shapes_dataset
 
 TRAIN_NET = os.path.join(REPO, "projects", "DSLA", "train_net.py")
 CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
@@ -22,15 +21,6 @@ SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
          "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
          "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(1000,)",
          "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1000"]
-
-
-@pytest.fixture(scope="module")
-def tiny_shapes(tmp_path_factory):
-    """A 12-image train and 6-image val split of the built-in generator, 128 px."""
-    root = str(tmp_path_factory.mktemp("shapes"))
-    train = generate_shapes_dataset(root, "train", num_images=12, seed=0, image_size=128)
-    val = generate_shapes_dataset(root, "val", num_images=6, seed=1, image_size=128)
-    return ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
 
 
 def run(args, timeout=300, env_extra=None):

@@ -29,10 +29,12 @@ from .layers import DeformConv2d, ModulatedDeformConv2d
 
 __all__ = [
     "DeformBottleneck",
-    "build_basic_block_resnet",
     "build_dsla_resnet",
     "build_dsla_resnet_fpn_backbone",
     "build_dsla_swin_fpn_backbone",
+    "make_dsla_resnet",
+    "make_dsla_swin",
+    "make_p3_p7_fpn",
 ]
 
 # Blocks per stage (res2..res5), as in detectron2's builder.
@@ -94,83 +96,119 @@ class DeformBottleneck(BottleneckBlock):
 
 def build_dsla_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     """
-    ``MODEL.RESNETS`` as detectron2's ``build_resnet_backbone`` reads it, except that the stages
-    of ``DEFORM_ON_PER_STAGE`` use :class:`DeformBottleneck` (detectron2 hard-wires its own
-    deformable block, whose op needs the compiled ``detectron2._C``), and that ResNet-18/34 may
-    have any width (:func:`build_basic_block_resnet`). Otherwise this is detectron2's builder.
+    The ResNet of ``MODEL.RESNETS`` (and ``MODEL.BACKBONE.FREEZE_AT``): :func:`make_dsla_resnet`
+    with the keys detectron2's ``build_resnet_backbone`` reads.
 
     Returns:
         ResNet: outputs ``MODEL.RESNETS.OUT_FEATURES`` (``res2``..``res5``, strides 4..32).
     """
     r = cfg.MODEL.RESNETS
-    if any(r.DEFORM_ON_PER_STAGE) and r.DEPTH not in _BOTTLENECK_BLOCKS:
-        raise UserError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE = {r.DEFORM_ON_PER_STAGE} needs a "
-                        f"bottleneck ResNet (DEPTH 50, 101 or 152), got DEPTH = {r.DEPTH}")
-    if r.DEPTH in _BASIC_BLOCKS and r.RES2_OUT_CHANNELS != 64:
-        return build_basic_block_resnet(cfg, input_shape)
-    if not any(r.DEFORM_ON_PER_STAGE):
-        return build_resnet_backbone(cfg, input_shape)
-    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    _refuse_deform_on_basic_blocks(r.DEPTH, r.DEFORM_ON_PER_STAGE,
+                                   "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.DEFORM_ON_PER_STAGE")
+    return make_dsla_resnet(
+        depth=r.DEPTH, norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, out_features=r.OUT_FEATURES,
+        in_channels=input_shape.channels, stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS, num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP, res5_dilation=r.RES5_DILATION,
+        deform_on_per_stage=r.DEFORM_ON_PER_STAGE, deform_modulated=r.DEFORM_MODULATED,
+        deform_num_groups=r.DEFORM_NUM_GROUPS,
+    )
+
+
+def make_dsla_resnet(*, depth, norm="FrozenBN", stride_in_1x1=True, freeze_at=2,
+                     out_features=("res3", "res4", "res5"), in_channels=3, stem_out_channels=64,
+                     res2_out_channels=256, num_groups=1, width_per_group=64, res5_dilation=1,
+                     deform_on_per_stage=(False, False, False, False), deform_modulated=False,
+                     deform_num_groups=1) -> ResNet:
+    """
+    detectron2's ResNet (``BasicStem`` + ``ResNet.make_stage``), built as its
+    ``build_resnet_backbone`` builds it from the ``MODEL.RESNETS`` keys of the same names, except
+    that the stages of ``deform_on_per_stage`` use :class:`DeformBottleneck` (detectron2 hard-wires
+    its own deformable block, whose op needs the compiled ``detectron2._C``), and that
+    ResNet-18/34 may have any width: the from-scratch CPU configs use half of it
+    (``res2_out_channels=32``, ``stem_out_channels=32``), about 2.4x faster per training step on a
+    CPU. Keyword arguments only, for LazyConfig (``LazyCall(make_dsla_resnet)(depth=50, ...)``).
+
+    Returns:
+        ResNet: outputs ``out_features`` (``res2``..``res5``, strides 4..32).
+    """
+    _refuse_deform_on_basic_blocks(depth, deform_on_per_stage, "depth", "deform_on_per_stage")
+    stem = BasicStem(in_channels, stem_out_channels, norm=norm)
+    if depth in _BASIC_BLOCKS:
+        stages = _basic_block_stages(depth, stem_out_channels, res2_out_channels, norm)
+    else:
+        deform = dict(deform_modulated=deform_modulated, deform_num_groups=deform_num_groups)
+        stages = _bottleneck_stages(
+            depth, stem_out_channels, res2_out_channels, num_groups * width_per_group,
+            deform_on_per_stage, deform, stride_in_1x1=stride_in_1x1, num_groups=num_groups,
+            norm=norm, res5_dilation=res5_dilation)
+    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+
+
+def _refuse_deform_on_basic_blocks(depth, deform_on_per_stage, depth_name, deform_name):
+    """Deformable stages need bottleneck blocks; the names say which keys or arguments to fix."""
+    if any(deform_on_per_stage) and depth not in _BOTTLENECK_BLOCKS:
+        raise UserError(f"{deform_name} = {list(deform_on_per_stage)} needs a bottleneck ResNet "
+                        f"({depth_name} 50, 101 or 152), got {depth_name} = {depth}")
+
+
+def _basic_block_stages(depth, in_channels, out_channels, norm):
+    """ResNet-18/34 stages res2..res5; channels double at every stage, as in the standard
+    network (detectron2's builder instead fixes res2 at 64 channels for these depths)."""
     stages = []
-    for idx, num_blocks in enumerate(_BOTTLENECK_BLOCKS[r.DEPTH]):
-        dilation = r.RES5_DILATION if idx == 3 else 1
+    for idx, num_blocks in enumerate(_BASIC_BLOCKS[depth]):
+        first_stride = 1 if idx == 0 else 2
+        stages.append(ResNet.make_stage(
+            BasicBlock, num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+            in_channels=in_channels, out_channels=out_channels, norm=norm))
+        in_channels, out_channels = out_channels, out_channels * 2
+    return stages
+
+
+def _bottleneck_stages(depth, in_channels, out_channels, bottleneck_channels, deform_on_per_stage,
+                       deform, *, res5_dilation, **block_kwargs):
+    """ResNet-50/101/152 stages res2..res5 as detectron2's ``build_resnet_backbone`` makes them;
+    stage ``idx`` is deformable (``deform``: DeformBottleneck's extra arguments) where
+    ``deform_on_per_stage[idx]``."""
+    stages = []
+    for idx, num_blocks in enumerate(_BOTTLENECK_BLOCKS[depth]):
+        dilation = res5_dilation if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
-        kwargs = dict(bottleneck_channels=bottleneck_channels, stride_in_1x1=r.STRIDE_IN_1X1,
-                      dilation=dilation, num_groups=r.NUM_GROUPS, norm=r.NORM,
-                      block_class=BottleneckBlock)
-        if r.DEFORM_ON_PER_STAGE[idx]:
-            kwargs.update(block_class=DeformBottleneck, deform_modulated=r.DEFORM_MODULATED,
-                          deform_num_groups=r.DEFORM_NUM_GROUPS)
+        kwargs = dict(bottleneck_channels=bottleneck_channels, dilation=dilation,
+                      block_class=BottleneckBlock, **block_kwargs)
+        if deform_on_per_stage[idx]:
+            kwargs.update(block_class=DeformBottleneck, **deform)
         stages.append(ResNet.make_stage(
             num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
             in_channels=in_channels, out_channels=out_channels, **kwargs))
         in_channels, out_channels = out_channels, out_channels * 2
         bottleneck_channels *= 2
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-
-
-def build_basic_block_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
-    """
-    ResNet-18/34 of any width, from detectron2's ``BasicStem`` and ``ResNet.make_stage``.
-
-    detectron2's ``build_resnet_backbone`` fixes ``RES2_OUT_CHANNELS`` at 64 for these depths;
-    the from-scratch CPU configs use half that width (``RES2_OUT_CHANNELS: 32``,
-    ``STEM_OUT_CHANNELS: 32``), about 2.4x faster per training step on a CPU. Channels double at
-    every stage, as in the standard network.
-
-    Returns:
-        ResNet: outputs ``MODEL.RESNETS.OUT_FEATURES`` (``res2``..``res5``, strides 4..32).
-    """
-    r = cfg.MODEL.RESNETS
-    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
-    in_channels, out_channels, stages = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, []
-    for idx, num_blocks in enumerate(_BASIC_BLOCKS[r.DEPTH]):
-        first_stride = 1 if idx == 0 else 2
-        stages.append(ResNet.make_stage(
-            BasicBlock, num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-            in_channels=in_channels, out_channels=out_channels, norm=r.NORM))
-        in_channels, out_channels = out_channels, out_channels * 2
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return stages
 
 
 def _p3_p7_fpn(cfg, bottom_up) -> FPN:
+    """:func:`make_p3_p7_fpn` with ``MODEL.FPN``."""
+    f = cfg.MODEL.FPN
+    return make_p3_p7_fpn(bottom_up, in_features=f.IN_FEATURES, out_channels=f.OUT_CHANNELS,
+                          norm=f.NORM, fuse_type=f.FUSE_TYPE)
+
+
+def make_p3_p7_fpn(bottom_up, *, in_features, out_channels=256, norm="", fuse_type="sum") -> FPN:
     """
-    detectron2's FPN over the three ``MODEL.FPN.IN_FEATURES`` of ``bottom_up`` (strides 8, 16,
-    32), with P6 = conv(P5) and P7 = conv(relu(P6)).
+    detectron2's FPN over the three ``in_features`` of ``bottom_up`` (strides 8, 16, 32), with
+    P6 = conv(P5) and P7 = conv(relu(P6)).
 
     Returns:
-        FPN: outputs ``p3``..``p7`` (strides 8..128) with ``MODEL.FPN.OUT_CHANNELS`` channels.
+        FPN: outputs ``p3``..``p7`` (strides 8..128) with ``out_channels`` channels.
     """
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     fpn = FPN(
         bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        in_features=list(in_features),
         out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
+        norm=norm,
         top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        fuse_type=fuse_type,
     )
     # Pad inputs to a multiple of P7's stride so that every level's grid is exactly the padded
     # size / stride (docs/MODEL_ZOO.md); detectron2's FPN pads to its last *input* stride (32).
@@ -189,34 +227,54 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     return _p3_p7_fpn(cfg, build_dsla_resnet(cfg, input_shape))
 
 
-def _swin_out_indices(in_features):
-    """Stage indices of the Swin outputs named in ``MODEL.FPN.IN_FEATURES`` (``p0``..``p3``)."""
+def _swin_out_indices(out_features, name):
+    """Stage indices of the Swin outputs ``out_features`` (``p0``..``p3``); ``name`` is the key
+    or argument that holds them, for the error."""
     names = [f"p{i}" for i in range(4)]
-    if len(in_features) != 3 or any(f not in names for f in in_features):
-        raise UserError(f"MODEL.FPN.IN_FEATURES = {list(in_features)}: a Swin backbone names its "
-                        f"stage outputs {names}; P3-P5 need three of them, e.g. ['p1', 'p2', 'p3']")
-    return tuple(names.index(f) for f in in_features)
+    if len(out_features) != 3 or any(f not in names for f in out_features):
+        raise UserError(f"{name} = {list(out_features)}: a Swin backbone names its stage "
+                        f"outputs {names}; P3-P5 need three of them, e.g. ['p1', 'p2', 'p3']")
+    return tuple(names.index(f) for f in out_features)
 
 
 @BACKBONE_REGISTRY.register()
 def build_dsla_swin_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
-    detectron2's Swin Transformer (``MODEL.SWIN``; patch size 4, qkv bias, no absolute position
-    embedding, as the authors' Swin-S) + the same FPN as the ResNet backbone, fed by the stage
-    outputs of ``MODEL.FPN.IN_FEATURES`` (Swin-S: ``p1``..``p3``, 192/384/768 channels at strides
-    8/16/32, each after its own LayerNorm).
+    :func:`make_dsla_swin` (``MODEL.SWIN``) + the same FPN as the ResNet backbone, fed by the
+    stage outputs of ``MODEL.FPN.IN_FEATURES`` (Swin-S: ``p1``..``p3``).
 
     Returns:
         FPN: ``p3``..``p7`` (strides 8..128), ``size_divisibility`` 128.
     """
-    s = cfg.MODEL.SWIN
-    bottom_up = SwinTransformer(
-        patch_size=4, in_chans=input_shape.channels, embed_dim=s.EMBED_DIM, depths=s.DEPTHS,
-        num_heads=s.NUM_HEADS, window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
-        drop_path_rate=0.0, out_indices=_swin_out_indices(cfg.MODEL.FPN.IN_FEATURES),
+    s, in_features = cfg.MODEL.SWIN, cfg.MODEL.FPN.IN_FEATURES
+    _swin_out_indices(in_features, "MODEL.FPN.IN_FEATURES")
+    bottom_up = make_dsla_swin(
+        out_features=in_features, in_channels=input_shape.channels, embed_dim=s.EMBED_DIM,
+        depths=s.DEPTHS, num_heads=s.NUM_HEADS, window_size=s.WINDOW_SIZE,
+        mlp_ratio=s.MLP_RATIO, drop_path_rate=s.DROP_PATH_RATE,
     )
-    _add_stochastic_depth(bottom_up, s.DROP_PATH_RATE)
     return _p3_p7_fpn(cfg, bottom_up)
+
+
+def make_dsla_swin(*, out_features=("p1", "p2", "p3"), in_channels=3, embed_dim=96,
+                   depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
+                   drop_path_rate=0.2) -> SwinTransformer:
+    """
+    detectron2's Swin Transformer as the authors' Swin-S has it (defaults: Swin-S; patch size 4,
+    qkv bias, no absolute position embedding), with stochastic depth through torchvision.
+    Keyword arguments only, for LazyConfig.
+
+    Returns:
+        SwinTransformer: outputs ``out_features`` (Swin-S ``p1``..``p3``: 192/384/768 channels at
+        strides 8/16/32, each after its own LayerNorm).
+    """
+    swin = SwinTransformer(
+        patch_size=4, in_chans=in_channels, embed_dim=embed_dim, depths=list(depths),
+        num_heads=list(num_heads), window_size=window_size, mlp_ratio=mlp_ratio,
+        drop_path_rate=0.0, out_indices=_swin_out_indices(out_features, "out_features"),
+    )
+    _add_stochastic_depth(swin, drop_path_rate)
+    return swin
 
 
 def _add_stochastic_depth(swin: SwinTransformer, max_rate: float) -> None:
