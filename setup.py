@@ -39,6 +39,12 @@ setup(
     entry_points={
         "console_scripts": [
             "dsla-train=dsla.engine:cli",
+            "dsla-demo=dsla.tools.demo:main",
+            "dsla-predict=dsla.tools.predict:main",
+            "dsla-visualize-assignment=dsla.tools.visualize_assignment:main",
+            "dsla-analyze-consistency=dsla.tools.analyze_consistency:main",
+            "dsla-export=dsla.tools.export_model:main",
+            "dsla-convert-mmdet=dsla.tools.convert_mmdet_weights:main",
         ]
     },
 )
