@@ -16,7 +16,8 @@ import torch
 def _relaxed_bounds(regress_ranges, relaxation_factor):
     """
     Per point relaxed range, computed with Python ``int`` per distinct level range, exactly as
-    the authors' code computes it (docs/METHOD.md, "Scale score"). Returns rlo, rhi (Tensor[P]) in the dtype of ``regress_ranges``.
+    the authors' code computes it (docs/METHOD.md, "Scale score"). Returns rlo, rhi (Tensor[P])
+    in the dtype of ``regress_ranges``.
     """
     lo, hi = regress_ranges[:, 0], regress_ranges[:, 1]
     if relaxation_factor <= 0:
