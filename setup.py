@@ -39,7 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dsla-train=dsla.engine:cli",
-            "dsla-demo=dsla.tools.demo:main",
+            "dsla-demo=dsla.tools.demo:run",
             "dsla-predict=dsla.tools.predict:main",
             "dsla-visualize-assignment=dsla.tools.visualize_assignment:main",
             "dsla-analyze-consistency=dsla.tools.analyze_consistency:main",

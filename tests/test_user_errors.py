@@ -7,6 +7,7 @@ the device / backbone-weights warnings, strict JSON and the constructor's checks
 """
 import json
 import logging
+from argparse import Namespace
 import math
 import os
 import subprocess
@@ -20,7 +21,7 @@ from detectron2.modeling import build_model
 from conftest import CPU_CONFIG, REPO, tiny_cfg
 from dsla.checkpoint import ClassNames, DSLACheckpointer
 from dsla.cli import class_names, load_config, write_json
-from dsla.data import SHAPES_CLASSES, generate_shapes_dataset
+from dsla.data import SHAPES_CLASSES, generate_shapes_dataset, register_coco_dataset
 from dsla.errors import UserError
 from dsla.tools import analyze_consistency, export_model, predict, visualize_assignment
 from test_workflow import SMALL, _write_coco, run
@@ -111,31 +112,40 @@ def test_fine_tuning_reinitialises_with_one_warning(three_class_weights, dsla_wa
     assert len(warnings) == 1 and "head.cls_score.weight" in warnings[0], warnings
 
 
-# 2. --eval-only checks the test sets only, and names the checkpoint's class count.
+# 2, 3 and 4: the datasets each command uses (the checks of dsla.engine.setup, in-process).
+
+
+def _dataset_check(cfg_opts, eval_only):
+    from dsla.engine import _check_datasets
+
+    cfg = load_config(CPU_CONFIG, cfg_opts)
+    with pytest.raises(UserError) as e:
+        _check_datasets(cfg, Namespace(eval_only=eval_only))
+    return str(e.value)
+
+
+def _register(tmp_path, name, **coco):
+    json_file = _write_coco(tmp_path, bad_boxes=False, **coco)
+    register_coco_dataset(name, json_file, str(tmp_path))
+    return json_file
 
 
 def test_eval_only_advice_names_test_set_and_checkpoint(three_class_weights, tmp_path):
-    json_file = _write_coco(tmp_path, num_categories=2, bad_boxes=False)
-    last = _last_line(run(["--eval-only", "--config-file", CPU_CONFIG, "--register-coco", "two",
-                           json_file, str(tmp_path), "DATASETS.TEST", "('two',)", *SMALL,
-                           "MODEL.DSLA.NUM_CLASSES", "6", "MODEL.WEIGHTS", three_class_weights,
-                           "OUTPUT_DIR", str(tmp_path / "out")]))
-    assert "MODEL.DSLA.NUM_CLASSES = 6" in last and "'two' has 2 classes" in last, last
-    assert f"{three_class_weights} has 3 classes" in last, last
-    assert "shapes_train" not in last  # the config's training set is not this command's business
-
-
-# 3 and 4. A broken json is a json problem; empty training data is an error.
+    _register(tmp_path, "ue_two", num_categories=2)
+    message = _dataset_check(["DATASETS.TEST", "('ue_two',)", "MODEL.DSLA.NUM_CLASSES", "6",
+                              "MODEL.WEIGHTS", three_class_weights], eval_only=True)
+    assert "MODEL.DSLA.NUM_CLASSES = 6" in message and "'ue_two' has 2 classes" in message
+    assert f"{three_class_weights} has 3 classes" in message, message
+    assert "shapes_train" not in message  # the training set is not --eval-only's business
 
 
 def test_broken_json_is_not_reported_as_num_classes(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [')
-    last = _last_line(run(["--eval-only", "--config-file", CPU_CONFIG, "--register-coco", "bad",
-                           str(bad), str(tmp_path), "DATASETS.TEST", "('bad',)",
-                           "MODEL.WEIGHTS", CPU_CONFIG, "OUTPUT_DIR", str(tmp_path / "out")]))
-    assert str(bad) in last and "not a valid COCO json" in last, last
-    assert "NUM_CLASSES" not in last, last
+    register_coco_dataset("ue_bad", str(bad), str(tmp_path))
+    message = _dataset_check(["DATASETS.TEST", "('ue_bad',)"], eval_only=True)
+    assert str(bad) in message and "not a valid COCO json" in message, message
+    assert "NUM_CLASSES" not in message, message
 
 
 @pytest.mark.parametrize("annotations", ["missing", "empty"])
@@ -147,11 +157,12 @@ def test_empty_training_data_names_the_dataset(tmp_path, annotations):
     else:
         data["annotations"] = []
     open(json_file, "w").write(json.dumps(data))
-    last = _last_line(run(["--config-file", CPU_CONFIG, "--register-coco", "none", json_file,
-                           str(tmp_path), "DATASETS.TRAIN", "('none',)", "DATASETS.TEST", "()",
-                           *SMALL, "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "True",
-                           "OUTPUT_DIR", str(tmp_path / "out")]))
-    assert "Dataset 'none'" in last and json_file in last and "no usable box" in last, last
+    name = f"ue_none_{annotations}"
+    register_coco_dataset(name, json_file, str(tmp_path))
+    message = _dataset_check(["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()",
+                              "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "True"], eval_only=False)
+    assert f"Dataset '{name}'" in message and json_file in message, message
+    assert "no usable box" in message, message
 
 
 # 5 and 8. --resume with missing / truncated checkpoints; a finished run is not overwritten.
@@ -180,12 +191,18 @@ def test_second_fresh_run_is_refused(shapes, finished_run):
     assert (finished_run / "model_final.pth").stat().st_mtime_ns == before
 
 
-def test_eval_only_resume_contradicting_weights_is_refused(shapes, finished_run,
-                                                           three_class_weights):
-    last = _last_line(run(["--eval-only", "--resume", *_args(shapes, finished_run),
-                           "MODEL.WEIGHTS", three_class_weights]))
-    assert three_class_weights in last and "model_final.pth" in last, last
-    assert not (finished_run / "eval_results.json").exists()
+def test_eval_only_resume_contradicting_weights_is_refused(finished_run, three_class_weights):
+    from dsla.engine import _eval_weights
+
+    opts = ["OUTPUT_DIR", str(finished_run), "MODEL.WEIGHTS", three_class_weights]
+    cfg = load_config(CPU_CONFIG, opts)
+    checkpointer = DSLACheckpointer(build_model(cfg), str(finished_run))
+    with pytest.raises(UserError) as e:
+        _eval_weights(cfg, Namespace(resume=True, opts=opts), checkpointer)
+    assert three_class_weights in str(e.value) and "model_final.pth" in str(e.value)
+    # Without MODEL.WEIGHTS on the command line, --resume evaluates the run's last checkpoint.
+    last = _eval_weights(cfg, Namespace(resume=True, opts=opts[:2]), checkpointer)
+    assert last == str(finished_run / "model_final.pth")
 
 
 def test_resume_falls_back_then_stops_on_truncated(shapes, finished_run, tmp_path):
@@ -296,8 +313,6 @@ def test_cuda_without_cuda_warns(dsla_warnings):
 
 
 def test_frozen_backbone_without_weights_warns(dsla_warnings, tmp_path):
-    from argparse import Namespace
-
     from dsla.engine import _check_fresh_training
 
     x101 = os.path.join(REPO, "configs", "COCO-Detection", "dsla_X_101_64x4d_FPN_dcn_ms_2x.yaml")

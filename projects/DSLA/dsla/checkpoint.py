@@ -28,8 +28,9 @@ __all__ = ["ClassNames", "DSLACheckpointer", "checkpoint_files", "checkpoint_num
 logger = logging.getLogger("dsla")
 
 # What torch.load raises on a file that is not a (complete) checkpoint: a truncated zip archive
-# (RuntimeError "PytorchStreamReader failed ..."), a truncated or foreign pickle.
-_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+# (RuntimeError "PytorchStreamReader failed ...", or OSError from its reader), a truncated or
+# foreign pickle.
+_UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 _CLASSIFIER_BIAS = "cls_score.bias"
 
 
@@ -161,7 +162,10 @@ def checkpoint_num_classes(path: str) -> Optional[int]:
     file cannot tell (missing, unreadable, another layout). For messages only."""
     if not path or "://" in path or not _is_readable(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE:  # e.g. pickled objects that weights_only refuses: the file cannot tell
+        return None
     state = state.get("model", state) if isinstance(state, dict) else {}
     biases = [v for k, v in state.items() if k.endswith(_CLASSIFIER_BIAS)]
     return int(biases[0].shape[0]) if biases else None

@@ -113,7 +113,8 @@ def register_datasets(args) -> None:
 
 def tool_parser(doc: str, weights: Optional[str] = None, output_help: Optional[str] = None,
                 config_default: Optional[str] = None,
-                positionals: Sequence[Tuple[str, str]] = ()) -> argparse.ArgumentParser:
+                positionals: Sequence[Tuple[str, str]] = (),
+                register_coco: bool = True) -> argparse.ArgumentParser:
     """
     The tools' argument parser: description and examples from the tool's docstring,
     ``--config-file``, ``--register-coco``, ``--output`` (when ``output_help`` is given) and the
@@ -125,6 +126,8 @@ def tool_parser(doc: str, weights: Optional[str] = None, output_help: Optional[s
         output_help: help of ``--output`` (required), or None for tools without it.
         config_default: the config used without ``--config-file`` (None: it is required).
         positionals: (name, help) of positional arguments, before the overrides.
+        register_coco: offer ``--register-coco`` (not for ``dsla-demo``, which uses the built-in
+            dataset).
     """
     head, _, tail = doc.strip().partition("\n\n")
     parser = argparse.ArgumentParser(description=head, epilog=tail,
@@ -132,7 +135,8 @@ def tool_parser(doc: str, weights: Optional[str] = None, output_help: Optional[s
     parser.add_argument("--config-file", required=config_default is None, default=config_default,
                         metavar="FILE", help="yaml config" + (
                             f" (default: {config_default})" if config_default else ""))
-    add_register_coco_argument(parser)
+    if register_coco:
+        add_register_coco_argument(parser)
     if output_help:
         parser.add_argument("--output", required=True, metavar="PATH", help=output_help)
     for name, help_text in positionals:

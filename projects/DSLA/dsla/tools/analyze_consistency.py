@@ -50,15 +50,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def evaluate(cfg, dataset: str, output_dir: str):
+def evaluate(cfg, model, dataset: str, output_dir: str):
     """
-    Run the model of ``cfg`` (with ``MODEL.WEIGHTS``) on ``dataset``.
+    Run ``model`` (eval mode, the weights of ``cfg``) on ``dataset``.
 
     Returns:
         results (dict: ``bbox`` COCO metrics, ``consistency`` correlations) and the
         :class:`ScoreIoUEvaluator` holding the per-detection ``scores`` / ``ious`` ([N]).
     """
-    model, _ = load_model(cfg)  # strict: weights that do not fit stop here
     dicts = DatasetCatalog.get(dataset)
     if not dicts:
         raise UserError(f"dataset '{dataset}' has no images")
@@ -106,8 +105,9 @@ def run(args) -> Dict:
         raise UserError("no dataset: pass --dataset NAME (the config has no DATASETS.TEST)")
     if dataset not in DatasetCatalog.list():
         raise UserError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+    model, _ = load_model(cfg)  # strict: weights that do not fit stop before anything is written
     os.makedirs(args.output, exist_ok=True)
-    results, pairs = evaluate(cfg, dataset, args.output)
+    results, pairs = evaluate(cfg, model, dataset, args.output)
     report = json_safe({
         "dataset": dataset,
         "config_file": args.config_file,
