@@ -316,6 +316,33 @@ def group_runs(records: List[Dict]) -> Dict:
     return groups
 
 
+SIGNAL_KEYS = ("num_gt_per_image", "num_pos_per_image", "pos_iou_mean", "pos_q_mean",
+               "pos_cls_target_mean")
+
+
+def training_signal(run_dir: str, last_fraction: float = 0.1) -> Dict[str, float]:
+    """
+    What the classifier was trained towards, from the run's ``metrics.json``: the means over the
+    last ``last_fraction`` of the iterations of the scalars the DSLA models log (positives per
+    image; IoU of the positives' predicted boxes; their mean smooth label q*; their mean
+    classification target, IoU * q* with coupling). Keys a model does not log are absent.
+    """
+    rows = []
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    last_iter = max((r.get("iteration", 0) for r in rows), default=0)
+    start = last_iter * (1.0 - last_fraction)
+    out = {}
+    for key in SIGNAL_KEYS:
+        values = [v for r in rows if r.get("iteration", 0) >= start
+                  for prefix in ("dsla/", "fcos/") if (v := r.get(prefix + key)) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 def summarize_group(runs: Dict[int, Dict]) -> Dict:
     """Mean and min-max over seeds of every metric of one (dataset, model, schedule)."""
     rows = list(runs.values())
@@ -323,6 +350,8 @@ def summarize_group(runs: Dict[int, Dict]) -> Dict:
     summary["spearman_matched"] = spread(r["spearman_matched"] for r in rows)
     for key in ("mean_iou_lost", "fraction_worse_0.05"):
         summary[f"nms_{key}"] = spread(r["nms"][key] for r in rows)
+    for key in SIGNAL_KEYS:
+        summary[f"signal_{key}"] = spread(r.get("signal", {}).get(key) for r in rows)
     summary["seeds"] = sorted(runs)
     return summary
 
@@ -421,6 +450,17 @@ def model_table(data: Dict, models, factor: str = "x1") -> str:
     return _table(header, rows)
 
 
+def signal_table(data: Dict, models) -> str:
+    """Training-signal statistics of :func:`training_signal`, mean (min–max) over seeds."""
+    header = ["model", "positives / image", "IoU of positives", "q* of positives",
+              "cls target of positives"]
+    keys = ("num_pos_per_image", "pos_iou_mean", "pos_q_mean", "pos_cls_target_mean")
+    rows = [[MODELS[m][2], *(_fmt(s[f"signal_{k}"], 2) for k in keys)]
+            for m in models if (s := data["models"].get(m, {}).get("x1")) is not None
+            and any(s[f"signal_{k}"]["n"] for k in keys)]
+    return _table(header, rows) if rows else ""
+
+
 def paired_table(data: Dict) -> str:
     """Per-seed AP differences of the two pairs, and their mean (min–max)."""
     rows = []
@@ -453,6 +493,13 @@ TARGET_TEXT = {
 }
 
 
+# The paper's numbers (COCO val, ImageNet-pretrained backbones), beside ours for scale.
+PAPER_TEXT = (
+    "\nThe paper, for comparison (COCO val2017 box AP, ImageNet-pretrained R-50, 1x schedule): "
+    "plain FCOS 36.6 → DSLA 38.1 (+1.5).\n"
+)
+
+
 def render_markdown(result: Dict) -> str:
     """comparison.md: per dataset the model table, paired differences, convergence, targets."""
     text = ""
@@ -465,12 +512,17 @@ def render_markdown(result: Dict) -> str:
             text += model_table(data, LADDER)
         if data["paired"]:
             text += "\nPaired differences (same seed):\n\n" + paired_table(data)
+        signal = signal_table(data, MAIN_MODELS + LADDER[:3])
+        if signal:
+            text += ("\nTraining signal, mean over the last 10 % of the iterations (positives "
+                     "and their targets as the models log them; n/a: not logged):\n\n" + signal)
         if data["convergence"]:
             text += "\nConvergence (seed 0 at 1.5× the schedule):\n\n" + convergence_table(data)
         text += "\nTargets:\n\n"
         for key, met in result["targets"][dataset].items():
             verdict = {True: "**met**", False: "**missed**", None: "not measured yet"}[met]
             text += f"- {TARGET_TEXT[key]}: {verdict}\n"
+    text += PAPER_TEXT
     text += f"\nCurves: [comparison_curves.png](comparison_curves.png). {result['cost_line']}\n"
     return text
 
@@ -534,7 +586,8 @@ def parse_args(argv=None):
 
 def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
     """Write comparison.{json,md} and comparison_curves.png from the finished runs."""
-    records = [read_record(s) for s in specs if is_done(s)]
+    records = [dict(read_record(s), signal=training_signal(s["run_dir"]))
+               for s in specs if is_done(s)]
     spent = sum(r["train"]["cpu_s"] + r["analysis_cost"]["cpu_s"] for r in records)
     cost = (f"{len(records)} of {len(specs)} planned runs finished; CPU time of the finished "
             f"runs {spent / 3600:.1f} h (this invocation: {cpu_s / 3600:.2f} h).")

@@ -64,9 +64,10 @@ def main(argv=None):
             failed.append(name)
             log(f"==== {name} FAILED")
     if os.path.abspath(args.output_dir) == RESULTS_DIR:
-        from update_docs import update_docs
+        from update_docs import README, update_docs
 
         update_docs()
+        update_docs(doc=README)
     if failed:
         log(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -32,9 +32,11 @@ __all__ = [
     "correlations",
     "correlations_by_rule",
     "ground_truth_of",
+    "instances_from_coco_results",
     "match_detections",
     "nms_localisation_gap",
     "pearson",
+    "precision_recall",
     "spearman",
     "summarize_nms_gap",
 ]
@@ -78,6 +80,46 @@ def match_detections(
     best_iou, best_idx = iou.max(dim=1)
     matched = torch.where(best_iou > 0, best_idx, torch.full_like(best_idx, -1))
     return best_iou, matched
+
+
+def precision_recall(
+    detections: Sequence[Instances],
+    ground_truth: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    score_threshold: float,
+    iou_threshold: float = 0.5,
+) -> Dict[str, float]:
+    """
+    Precision and recall of the detections a picture shows: those scoring at least
+    ``score_threshold``. Per image and class, detections are taken by decreasing score and each
+    claims the unclaimed ground-truth box it overlaps most if that IoU is >= ``iou_threshold``
+    (a true positive); otherwise it is a false positive (the one-to-one rule of COCO/VOC).
+
+    Args:
+        detections: one ``Instances`` (``pred_boxes``, ``scores``, ``pred_classes``) per image.
+        ground_truth: per image, ``(boxes Tensor[G, 4] xyxy, classes Tensor[G])``
+            (:func:`ground_truth_of`), in the detections' coordinates.
+
+    Returns:
+        {"precision", "recall", "true_positives", "detections", "ground_truth"}; precision is
+        1.0 with no detection, recall 1.0 with no ground truth.
+    """
+    tp = num_dets = num_gt = 0
+    for inst, (gt_boxes, gt_classes) in zip(detections, ground_truth):
+        inst = inst[inst.scores >= score_threshold]
+        num_dets, num_gt = num_dets + len(inst), num_gt + len(gt_classes)
+        if len(inst) == 0 or len(gt_classes) == 0:
+            continue
+        iou = pairwise_iou(Boxes(inst.pred_boxes.tensor.float()), Boxes(gt_boxes.float()))
+        iou[inst.pred_classes[:, None] != gt_classes[None, :]] = 0.0  # [D, G]
+        claimed = torch.zeros(len(gt_classes), dtype=torch.bool)
+        for d in torch.argsort(inst.scores, descending=True).tolist():
+            best_iou, g = iou[d].masked_fill(claimed, 0.0).max(dim=0)
+            if best_iou >= iou_threshold:
+                claimed[g] = True
+                tp += 1
+    return {"precision": tp / num_dets if num_dets else 1.0,
+            "recall": tp / num_gt if num_gt else 1.0,
+            "true_positives": tp, "detections": num_dets, "ground_truth": num_gt}
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
@@ -173,6 +215,36 @@ def ground_truth_of(record: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
     classes = [a["category_id"] for a in annos]
     return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             torch.tensor(classes, dtype=torch.long))
+
+
+def instances_from_coco_results(results: List[Dict], records: List[Dict],
+                                id_map: Dict[int, int]) -> List[Instances]:
+    """
+    The detections COCOEvaluator saved (``coco_instances_results.json``) as one ``Instances``
+    per dataset record, so that a picture or a precision/recall needs no second inference.
+
+    Args:
+        results: COCO result entries (``image_id``, ``category_id``, ``bbox`` XYWH, ``score``).
+        records: the dataset's dicts, in the order wanted.
+        id_map: ``thing_dataset_id_to_contiguous_id`` of the dataset's metadata.
+
+    Returns:
+        per record, ``Instances`` with ``pred_boxes`` (xyxy), ``scores``, ``pred_classes``.
+    """
+    by_image = {d["image_id"]: [] for d in records}
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    out = []
+    for d in records:
+        rows = by_image[d["image_id"]]
+        inst = Instances((d["height"], d["width"]))
+        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32).reshape(-1, 4)
+        inst.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+        inst.scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
+        inst.pred_classes = torch.tensor([id_map[r["category_id"]] for r in rows],
+                                         dtype=torch.long)
+        out.append(inst)
+    return out
 
 
 def _finite_or_none(value: float) -> Optional[float]:

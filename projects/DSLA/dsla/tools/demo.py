@@ -5,7 +5,9 @@
 2. trains DSLA (``configs/Shapes/dsla_R_18_FPN_cpu.yaml``) from scratch, logging losses and ETA
    (TensorBoard events in the output folder);
 3. evaluates on ``shapes_val`` with detectron2's COCOEvaluator;
-4. draws predictions on validation images into a PNG and prints where everything is.
+4. predicts on the whole validation split: precision and recall of the detections above the
+   picture's score threshold (IoU 0.5), and a PNG of the first validation images with ground
+   truth (thin white) and predictions (thick, class and score); prints where everything is.
 
 A second run resumes from the last checkpoint (so a finished run only re-evaluates).
 
@@ -18,12 +20,14 @@ import sys
 import numpy as np
 from PIL import Image
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
 
+from dsla.analysis import ground_truth_of, instances_from_coco_results, precision_recall
 from dsla.cli import exit_on_user_error, load_config, tool_parser
 from dsla.engine import argument_parser, main
 from dsla.tools import REPO
-from dsla.visualization import image_grid, predict_images
+from dsla.visualization import draw_instances, image_grid
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
 
@@ -34,20 +38,58 @@ def parse_args(argv=None):
                         help="output folder (checkpoints, logs, metrics, PNG)")
     parser.add_argument("--num-images", type=int, default=8,
                         help="validation images drawn into predictions.png")
+    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences; 0.4 was
+    # chosen on the calibration run of the demo recipe (docs/BENCHMARKS.md, "Calibration").
+    parser.add_argument("--score-threshold", type=float, default=0.4,
+                        help="detections drawn, and counted for precision/recall")
     return parser.parse_args(argv)
 
 
-def draw_validation_predictions(config_file, opts, output_dir, num_images):
-    """Draw the final model's predictions on the first ``num_images`` of DATASETS.TEST[0]."""
-    weights = os.path.join(output_dir, "model_final.pth")
-    cfg = load_config(config_file, list(opts) + ["MODEL.WEIGHTS", weights], require_weights=True)
+def evaluate_picture(cfg, num_images, score_threshold):
+    """
+    From the detections the final evaluation saved (no second inference): precision and recall
+    on the whole DATASETS.TEST[0] split of the detections scoring >= ``score_threshold`` (IoU
+    0.5), and a picture of the first ``num_images`` with their ground truth (thin white) under
+    the predictions (thick, "class score%").
+
+    Returns:
+        (path of predictions.png, the precision/recall dict of dsla.analysis.precision_recall)
+    """
     dataset = cfg.DATASETS.TEST[0]
-    paths = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
-    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences.
-    drawings = predict_images(cfg, paths, dataset_name=dataset, score_threshold=0.2)
-    out = os.path.join(output_dir, "predictions.png")
+    records, metadata = DatasetCatalog.get(dataset), MetadataCatalog.get(dataset)
+    saved = os.path.join(cfg.OUTPUT_DIR, "inference", dataset, "coco_instances_results.json")
+    with open(saved) as f:
+        detections = instances_from_coco_results(json.load(f), records,
+                                                 metadata.thing_dataset_id_to_contiguous_id)
+    ground_truth = [ground_truth_of(d) for d in records]
+    pr = precision_recall(detections, ground_truth, score_threshold, iou_threshold=0.5)
+    pr.update(score_threshold=score_threshold, iou_threshold=0.5, dataset=dataset)
+    drawings = [draw_instances(read_image(d["file_name"], format="RGB"), inst, metadata,
+                               score_threshold, gt_boxes=gt[0], scale=2.0)
+                for d, inst, gt in zip(records[:num_images], detections, ground_truth)]
+    out = os.path.join(cfg.OUTPUT_DIR, "predictions.png")
     Image.fromarray(image_grid(drawings, columns=4)).save(out)
-    return out
+    with open(os.path.join(cfg.OUTPUT_DIR, "picture_metrics.json"), "w") as f:
+        json.dump(pr, f, indent=2)
+    return out, pr
+
+
+def print_summary(output_dir, png, pr):
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
+        bbox = next(iter(json.load(f).values()))
+    print("\n==== DSLA demo finished ====")
+    print("box AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f} | "
+          "APl {APl:.1f}".format(**{k: float(np.nan_to_num(v)) for k, v in bbox.items()}))
+    print(f"picture detections (score >= {pr['score_threshold']}, IoU {pr['iou_threshold']}) on "
+          f"{pr['dataset']}: precision {pr['precision']:.3f} "
+          f"({pr['true_positives']}/{pr['detections']}), recall {pr['recall']:.3f} "
+          f"({pr['true_positives']}/{pr['ground_truth']})")
+    print(f"metrics:      {os.path.join(output_dir, 'eval_results.json')}, "
+          f"{os.path.join(output_dir, 'picture_metrics.json')}")
+    print(f"training log: {os.path.join(output_dir, 'log.txt')} (per-iteration: metrics.json)")
+    print(f"predictions:  {png} (ground truth thin white, predictions thick with class and score)")
+    print(f"checkpoint:   {os.path.join(output_dir, 'model_final.pth')}")
+    print(f"TensorBoard:  tensorboard --logdir {output_dir}")
 
 
 def run(argv=None):
@@ -58,17 +100,9 @@ def run(argv=None):
     )
     with exit_on_user_error():  # a bad override or data file: one line, not a traceback
         main(train_args)
-        png = draw_validation_predictions(args.config_file, opts, args.output, args.num_images)
-    with open(os.path.join(args.output, "eval_results.json")) as f:
-        bbox = next(iter(json.load(f).values()))
-    print("\n==== DSLA demo finished ====")
-    print("box AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f} | "
-          "APl {APl:.1f}".format(**{k: float(np.nan_to_num(v)) for k, v in bbox.items()}))
-    print(f"metrics:     {os.path.join(args.output, 'eval_results.json')}")
-    print(f"training log: {os.path.join(args.output, 'log.txt')} (per-iteration: metrics.json)")
-    print(f"predictions: {png}")
-    print(f"checkpoint:  {os.path.join(args.output, 'model_final.pth')}")
-    print(f"TensorBoard: tensorboard --logdir {args.output}")
+        cfg = load_config(args.config_file, opts)
+        png, pr = evaluate_picture(cfg, args.num_images, args.score_threshold)
+    print_summary(args.output, png, pr)
     return 0
 
 
