@@ -141,7 +141,10 @@ def tool_parser(doc: str, weights: Optional[str] = None, output_help: Optional[s
         parser.add_argument("--output", required=True, metavar="PATH", help=output_help)
     for name, help_text in positionals:
         parser.add_argument(name.lower(), metavar=name, help=help_text)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+    # After positionals, "*" lets options follow them (INPUT OUTPUT --config-file F); otherwise
+    # REMAINDER keeps every word after the options as an override, as train_net.py does.
+    parser.add_argument("opts", nargs="*" if positionals else argparse.REMAINDER,
+                        metavar="KEY VALUE",
                         help="config overrides" + (f"; {weights}" if weights else ""))
     return parser
 
