@@ -27,7 +27,7 @@ $(STAMP): requirements.txt setup.py Makefile
 	@touch $@
 
 demo: setup
-	$(PY) projects/DSLA/tools/run_demo.py
+	$(PY) -m dsla.tools.demo
 
 test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

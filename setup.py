@@ -40,6 +40,12 @@ setup(
         "console_scripts": [
             "dsla-train=dsla.engine:cli",
             "dsla-lazy-train=dsla.lazy_engine:cli",
+            "dsla-demo=dsla.tools.demo:run",
+            "dsla-predict=dsla.tools.predict:main",
+            "dsla-visualize-assignment=dsla.tools.visualize_assignment:main",
+            "dsla-analyze-consistency=dsla.tools.analyze_consistency:main",
+            "dsla-export=dsla.tools.export_model:main",
+            "dsla-convert-mmdet=dsla.tools.convert_mmdet_weights:main",
         ]
     },
 )

@@ -38,7 +38,8 @@ from reference_assignment import reference_assign_smooth_labels  # noqa: E402
 IMAGE_SIZE = (800, 1333)
 SIZE_DIVISIBILITY = 128  # dsla's backbone pads inputs to a multiple of 128 (P7 alignment)
 STRIDES = (8, 16, 32, 64, 128)
-REGRESS_RANGES = ((0, 64), (64, 128), (128, 256), (256, 512), (512, 1e8))  # DSLA_SPEC §2
+# The paper's COCO regress ranges (docs/METHOD.md, "Points").
+REGRESS_RANGES = ((0, 64), (64, 128), (128, 256), (256, 512), (512, 1e8))
 NUM_CLASSES = 80
 TARGET_G, TARGET_SPEEDUP = 100, 3.0  # the issue: >= 3x faster at G = 100, <= the peak memory
 
@@ -46,15 +47,13 @@ TARGET_G, TARGET_SPEEDUP = 100, 3.0  # the issue: >= 3x faster at G = 100, <= th
 def coco_points(device: str):
     """
     (points [P, 2], strides [P], regress ranges [P, 2]) of the padded COCO-size input, level by
-    level, each point at (j·s, i·s) (DSLA_SPEC §2).
+    level, each point at (j·s, i·s) (``dsla.points``, docs/METHOD.md "Points").
     """
     from dsla.assignment import level_point_info
+    from dsla.points import grid_points
 
-    h, w = (math.ceil(x / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for x in IMAGE_SIZE)
-    per_level = []
-    for s in STRIDES:
-        ys, xs = torch.meshgrid(torch.arange(0, h, s), torch.arange(0, w, s), indexing="ij")
-        per_level.append(torch.stack([xs.flatten(), ys.flatten()], dim=1).float().to(device))
+    padded = tuple(math.ceil(x / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for x in IMAGE_SIZE)
+    per_level = [p.to(device) for p in grid_points(padded, STRIDES)]
     return level_point_info(per_level, STRIDES, REGRESS_RANGES)
 
 

@@ -197,8 +197,10 @@ def train_and_analyse(spec: Dict, threads: Optional[int]) -> bool:
     label = f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
     record = read_record(spec)
     if record is None or record.get("status") not in ("trained", "analysed"):
-        resume = record is not None and os.path.isfile(
-            os.path.join(spec["run_dir"], "last_checkpoint"))
+        # Any checkpoint of this config's partial run: train_net.py --resume picks the newest
+        # readable one (and refuses a fresh run into a folder that holds checkpoints).
+        resume = record is not None and os.path.isdir(spec["run_dir"]) and any(
+            f.endswith(".pth") for f in os.listdir(spec["run_dir"]))
         if record is None and os.path.isdir(spec["run_dir"]):
             # Another config trained here before: start over rather than mix checkpoints.
             os.replace(spec["run_dir"], spec["run_dir"] + f".stale-{int(time.time())}")

@@ -1,12 +1,12 @@
 """
-A plain, loop-based smooth label assignment (DSLA spec §3), the oracle for
-``dsla.assignment.assign_smooth_labels``.
+A plain, loop-based smooth label assignment (docs/METHOD.md, "Smooth label assignment"), the
+oracle for ``dsla.assignment.assign_smooth_labels``.
 
 It follows the way mmdetection target code is usually written: one pass per ground-truth box
 builds a column of the full [P, G] smooth-label matrix, and the per-point choice is resolved by
 sorting the boxes by area and taking the first maximum. It is slow and memory-hungry on purpose
 (readable first); ``tests/test_assignment.py`` checks the vectorised version against it exactly,
-and it is the baseline for timing the vectorised version.
+and ``benchmarks/assignment.py`` times the vectorised version against it.
 
 Shape letters: P = points, G = ground-truth boxes.
 """
@@ -16,7 +16,8 @@ import torch
 def _relaxed_bounds(regress_ranges, relaxation_factor):
     """
     Per point relaxed range, computed with Python ``int`` per distinct level range, exactly as
-    spec §3.5 writes it. Returns rlo, rhi (Tensor[P]) in the dtype of ``regress_ranges``.
+    the authors' code computes it (docs/METHOD.md, "Scale score"). Returns rlo, rhi (Tensor[P])
+    in the dtype of ``regress_ranges``.
     """
     lo, hi = regress_ranges[:, 0], regress_ranges[:, 1]
     if relaxation_factor <= 0:
@@ -105,41 +106,3 @@ def reference_assign_smooth_labels(points, strides, regress_ranges, gt_boxes, gt
     scores[positive] = best_q[positive]
     matched[positive] = gt_boxes[best[positive]]
     return labels, scores, matched
-
-
-def _benchmark(num_boxes_list=(100, 1000), height=800, width=1333, repeats=3):
-    """Time the vectorised assignment against this reference on one 800 x 1333 image."""
-    import math
-    import time
-
-    from dsla.assignment import assign_smooth_labels, level_point_info
-
-    strides = [8, 16, 32, 64, 128]
-    ranges = [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1e8)]
-    per_level = []
-    for s in strides:
-        ys, xs = torch.meshgrid(torch.arange(0, height, s), torch.arange(0, width, s),
-                                indexing="ij")
-        per_level.append(torch.stack([xs.flatten(), ys.flatten()], dim=1).float())
-    points, point_strides, point_ranges = level_point_info(per_level, strides, ranges)
-    g = torch.Generator().manual_seed(0)
-    for num_boxes in num_boxes_list:
-        centre = torch.rand(num_boxes, 2, generator=g) * torch.tensor([width, height])
-        size = torch.exp(torch.rand(num_boxes, 2, generator=g) * math.log(400)) + 4
-        boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1)
-        classes = torch.randint(0, 80, (num_boxes,), generator=g)
-        args = (points, point_strides, point_ranges, boxes, classes, 80)
-        for name, fn in [("vectorised", assign_smooth_labels),
-                         ("reference", reference_assign_smooth_labels)]:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(*args)
-                times.append(time.perf_counter() - start)
-            print(f"{name:>10}: {points.shape[0]} points x {num_boxes:4d} boxes: "
-                  f"{min(times) * 1000:8.1f} ms (best of {repeats}, "
-                  f"{torch.get_num_threads()} threads)")
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -58,16 +58,9 @@ POOL = 4  # distinct batches / images cycled through, so no iteration repeats th
 
 def build_cfg(config_file: str, opts: List[str], device: str):
     """Frozen config: detectron2 defaults + DSLA keys + ``config_file`` + ``opts`` + device."""
-    from detectron2.config import get_cfg
+    from dsla.cli import load_config
 
-    from dsla import add_dsla_config
-
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list([*opts, "MODEL.DEVICE", device])
-    cfg.freeze()
-    return cfg
+    return load_config(config_file, [*opts, "MODEL.DEVICE", device])
 
 
 def build_model(cfg, weights: Optional[str]):

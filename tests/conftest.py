@@ -10,16 +10,10 @@ CPU_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
 
 
 def tiny_cfg(*opts, config_file=CPU_CONFIG):
-    """The CPU shapes config on the CPU, plus ``KEY VALUE`` opts."""
-    from detectron2.config import get_cfg
+    """The CPU shapes config on the CPU, plus ``KEY VALUE`` opts (not frozen)."""
+    from dsla.cli import load_config
 
-    from dsla import add_dsla_config
-
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(config_file, ["MODEL.DEVICE", "cpu", *opts], freeze=False)
 
 
 def make_inputs(boxes_per_image, classes_per_image=None, size=128, seed=0):

@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from conftest import REPO
-from dsla import add_dsla_config
+from dsla.cli import load_config
 
 CONFIGS = sorted(
     os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
@@ -18,11 +17,7 @@ CONFIGS = sorted(
 
 
 def load(path):
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    return cfg
+    return load_config(os.path.join(REPO, path), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
 
 
 def test_configs_found():

@@ -7,7 +7,6 @@ rules) and check the converted models against ``mmdet_reference``'s forward pass
 written directly on the mmdetection weights and shares no code with ``dsla``.
 """
 import copy
-import importlib.util
 import os
 from typing import NamedTuple
 
@@ -15,13 +14,13 @@ import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.swin import PatchMerging
 
 from conftest import REPO
-from dsla import add_dsla_config
+from dsla.cli import load_config
+from dsla.tools import convert_mmdet_weights
 from dsla.backbone import DeformBottleneck
 from dsla.convert import (
     ConversionError,
@@ -60,25 +59,13 @@ R50 = os.path.join(CONFIG_DIR, "dsla_R_50_FPN_1x_mmdet.yaml")
 R101 = os.path.join(CONFIG_DIR, "dsla_R_101_FPN_dcn_ms_2x_mmdet.yaml")
 SWIN = os.path.join(CONFIG_DIR, "dsla_Swin_S_FPN_ms_3x_mmdet.yaml")
 X101 = os.path.join(CONFIG_DIR, "dsla_X_101_64x4d_FPN_dcn_ms_2x.yaml")
-SCRIPT = os.path.join(REPO, "projects", "DSLA", "tools", "convert_mmdet_weights.py")
 # Non-square, both sides multiples of 128 (the backbones' padding): every level has a
 # non-square grid, and Swin's 64 x 96 first-stage tokens need window padding.
 IMAGE_SIZE = (256, 384)
 
 
 def load_cfg(path, *opts):
-    cfg = get_cfg()
-    add_dsla_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
-    return cfg
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("convert_mmdet_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts], freeze=False)
 
 
 def _as_double(state):
@@ -113,7 +100,7 @@ def r50(tmp_path_factory):
     torch.save({"meta": {"epoch": 12, "CLASSES": ("person",) * 80, "mmdet_version": "2.x"},
                 "state_dict": mmdet_state,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.0001, "params": [0]}]}}, src)
-    assert _load_script().main([src, dst, "--config-file", R50]) == 0
+    assert convert_mmdet_weights.main([src, dst, "--config-file", R50]) == 0
     written = torch.load(dst, map_location="cpu", weights_only=True)
     assert written["matching_heuristics"] is False and "__author__" in written
     model = build_model(load_cfg(R50))
@@ -357,7 +344,7 @@ def test_describe_checkpoint():
 def test_script_fails_with_message(tmp_path, capsys):
     src = str(tmp_path / "bad.pth")
     torch.save({"state_dict": {"backbone.patch_embed.proj.weight": torch.zeros(96, 3, 4, 4)}}, src)
-    assert _load_script().main([src, str(tmp_path / "out.pth"), "--config-file", R50]) == 1
+    assert convert_mmdet_weights.main([src, str(tmp_path / "out.pth"), "--config-file", R50]) == 1
     err = capsys.readouterr().err
     assert "backbone.patch_embed.proj.weight" in err and "model key(s) missing" in err
     assert not (tmp_path / "out.pth").exists()
@@ -429,7 +416,7 @@ def test_x101_recipe_layout_maps_onto_its_model():
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:
-        _load_script().main([str(tmp_path / "none.pth"), str(tmp_path / "out.pth")])
+        convert_mmdet_weights.main([str(tmp_path / "none.pth"), str(tmp_path / "out.pth")])
     assert str(e.value) == f"error: checkpoint file not found: {tmp_path / 'none.pth'}"
     assert not (tmp_path / "out.pth").exists()
 

@@ -23,6 +23,7 @@ from dsla.data import (
     sanitize_dataset_dicts,
 )
 from dsla.data import datasets as datasets_module
+from dsla.errors import UserError
 
 # FPN regress ranges of the CPU config (strides 8..128).
 LEVEL_RANGES = [(0, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)]
@@ -250,7 +251,7 @@ def test_register_coco_dataset_loads_and_sanitizes(tmp_path, dataset_names, sani
 
 def test_register_coco_dataset_missing_json(tmp_path):
     missing = str(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match=missing):
+    with pytest.raises(UserError, match=missing):
         register_coco_dataset("test_user_missing", missing, str(tmp_path))
     assert "test_user_missing" not in DatasetCatalog
 
@@ -261,7 +262,7 @@ def test_register_coco_dataset_invalid_json(tmp_path, dataset_names, content):
     json_file.write_text(content)
     register_coco_dataset("test_user_broken", str(json_file), str(tmp_path))
     dataset_names.append("test_user_broken")
-    with pytest.raises(ValueError, match=str(json_file)):
+    with pytest.raises(UserError, match=str(json_file)):
         DatasetCatalog.get("test_user_broken")
 
 
@@ -270,7 +271,7 @@ def test_register_coco_dataset_missing_image(tmp_path, dataset_names):
     os.remove(os.path.join(image_root, "img.jpg"))
     register_coco_dataset("test_user_no_image", json_file, image_root)
     dataset_names.append("test_user_no_image")
-    with pytest.raises(FileNotFoundError, match=os.path.join(image_root, "img.jpg")):
+    with pytest.raises(UserError, match=os.path.join(image_root, "img.jpg")):
         DatasetCatalog.get("test_user_no_image")
 
 
@@ -279,7 +280,7 @@ def test_check_num_classes(tmp_path, dataset_names):
     register_coco_dataset("test_user_classes", json_file, image_root)
     dataset_names.append("test_user_classes")
     check_num_classes(2, "test_user_classes")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         check_num_classes(3, ["test_user_classes"])
     message = str(info.value)
     assert "3" in message and "2 classes" in message and "background" in message

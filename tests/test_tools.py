@@ -1,10 +1,9 @@
-"""The "see what DSLA does" tools: ``demo.py``, ``tools/visualize_assignment.py``,
-``tools/analyze_consistency.py``, ``tools/export_model.py`` and their library ``dsla.analysis``.
+"""The "see what DSLA does" tools: ``dsla.tools.predict``, ``visualize_assignment``,
+``analyze_consistency``, ``export_model`` and their library ``dsla.analysis``.
 
 The tools run in-process (``main(argv)``) on a 6-image shapes dataset with a randomly initialised
 tiny model; ``SCORE_THRESH_TEST 0`` keeps its (untrained, low-score) predictions non-empty.
 """
-import importlib.util
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from conftest import CPU_CONFIG, REPO, tiny_cfg
+from conftest import CPU_CONFIG, tiny_cfg
 from dsla.analysis import (
     correlations,
     correlations_by_rule,
@@ -30,25 +29,12 @@ from dsla.analysis import (
     spearman,
 )
 from dsla.data import generate_shapes_dataset, register_coco_dataset
+from dsla.tools import analyze_consistency, export_model, predict, visualize_assignment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script(relative_path):
-    """Import a script that is not in a package (``projects/DSLA/demo.py``, ``tools/*.py``)."""
-    path = os.path.join(REPO, "projects", "DSLA", relative_path)
-    name = "tool_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_script("demo.py")
-visualize_assignment = _load_script("tools/visualize_assignment.py")
-analyze_consistency = _load_script("tools/analyze_consistency.py")
-export_model = _load_script("tools/export_model.py")
-TOOLS = [demo, visualize_assignment, analyze_consistency, export_model]
+TOOLS = [predict, visualize_assignment, analyze_consistency, export_model]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,10 +163,10 @@ def _assert_png(path):
         assert im.width > 0 and im.height > 0
 
 
-def test_demo_writes_one_png_per_image(dataset, opts, tmp_path):
+def test_predict_writes_one_png_per_image(dataset, opts, tmp_path):
     pattern = os.path.join(dataset[1], "00000[0-2].jpg")
     out = tmp_path / "demo"
-    assert demo.main(["--config-file", CPU_CONFIG, "--input", pattern, "--output", str(out),
+    assert predict.main(["--config-file", CPU_CONFIG, "--input", pattern, "--output", str(out),
                       "--confidence-threshold", "0", *opts]) == 0
     assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png"]
     for name in os.listdir(out):
@@ -277,12 +263,12 @@ def _bad_cases(dataset, weights, tmp_path):
     out = ["--output", str(tmp_path / "out")]
     w = ["MODEL.WEIGHTS", weights]
     return [
-        (demo, ["--config-file", "nope.yaml", "--input", image, *out, *w], "config file not found"),
-        (demo, [*cfg, "--input", image, *out], "MODEL.WEIGHTS"),
-        (demo, [*cfg, "--input", "/no/such/image.jpg", *out, *w], "/no/such/image.jpg"),
-        (demo, [*cfg, "--input", str(tmp_path / "*.jpg"), *out, *w], "matches no file"),
-        (demo, [*cfg, "--input", image, *out, "MODEL.WEIGHTS", "/no/model.pth"], "/no/model.pth"),
-        (demo, [*cfg, "--input", image, *out, *w, "MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
+        (predict, ["--config-file", "nope.yaml", "--input", image, *out, *w], "config file not found"),
+        (predict, [*cfg, "--input", image, *out], "MODEL.WEIGHTS"),
+        (predict, [*cfg, "--input", "/no/such/image.jpg", *out, *w], "/no/such/image.jpg"),
+        (predict, [*cfg, "--input", str(tmp_path / "*.jpg"), *out, *w], "matches no file"),
+        (predict, [*cfg, "--input", image, *out, "MODEL.WEIGHTS", "/no/model.pth"], "/no/model.pth"),
+        (predict, [*cfg, "--input", image, *out, *w, "MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
         (visualize_assignment, [*cfg, "--dataset", "no_such_set", "--output", "x.png"],
          "no_such_set"),
         (visualize_assignment, [*cfg, "--dataset", dataset[0], "--index", "99",

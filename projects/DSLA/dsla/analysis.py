@@ -3,9 +3,8 @@
 DSLA's claim (docs/METHOD.md, "IoU coupling") is that coupling the classification target with
 the IoU makes the score rank boxes by localisation quality, so that NMS keeps the best-localised
 box. This module measures that on a dataset, with pure functions that
-``tools/analyze_consistency.py`` and the benchmarks share, and one detectron2 ``DatasetEvaluator``
-that collects the pairs during ``inference_on_dataset``. It also holds the small command-line
-plumbing (config loading, one-line errors) shared by ``demo.py`` and ``tools/*.py``.
+``dsla.tools.analyze_consistency`` and the benchmarks share, and one detectron2
+``DatasetEvaluator`` that collects the pairs during ``inference_on_dataset``.
 
 Matching rule (``match_detections``): every detection is compared with the ground-truth boxes of
 its own class (crowd boxes excluded) and takes the highest IoU among them; a detection with no

@@ -409,10 +409,10 @@ def read_checkpoint_file(path: str, allow_pickle: bool = False) -> Mapping:
             ``state_dict``, ``meta`` and ``optimizer`` of mmdetection 2.x checkpoints.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist. ConversionError: it cannot be read.
+        UserError: ``path`` does not exist. ConversionError: it cannot be read.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise UserError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on version

@@ -20,8 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.registry import locate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -35,9 +35,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .cli import exit_on_user_error
+from .checkpoint import DSLACheckpointer
 from .cpu_amp import CPUAutocast
 from .data import check_num_classes, register_coco_dataset
-from .engine import _create_ddp_model, _log_rank_agreement, _with_full_model_clipping
+from .engine import _log_rank_agreement, cpu_ddp_model, full_model_clipping
 from .engine import argument_parser
 from .errors import UserError
 
@@ -133,11 +134,12 @@ def _build_optimizer(cfg, model):
         if key not in cfg:
             raise UserError(f"the config has no `{key}`: it is for inference only (--eval-only)")
     cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
     clip = cfg.train.get("grad_clip")
     if clip is not None and clip.enabled:
-        optimizer = _with_full_model_clipping(optimizer, clip.max_norm, clip.norm_type)
-    return optimizer
+        target = cfg.optimizer._target_
+        target = locate(target) if isinstance(target, str) else target
+        cfg.optimizer._target_ = full_model_clipping(target, clip.max_norm, clip.norm_type)
+    return instantiate(cfg.optimizer)
 
 
 def _build_trainer(cfg, model):
@@ -146,7 +148,7 @@ def _build_trainer(cfg, model):
     AMPTrainer is CUDA-only."""
     optimizer = _build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
-    ddp = _create_ddp_model(model, **cfg.train.ddp)
+    ddp = cpu_ddp_model(model, **cfg.train.ddp)
     if cfg.train.amp.enabled and cfg.train.device == "cpu":
         return SimpleTrainer(CPUAutocast(ddp), train_loader, optimizer), ddp
     trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
@@ -161,7 +163,7 @@ def do_train(args, cfg):
     model.to(cfg.train.device)
     trainer, ddp = _build_trainer(cfg, model)
     # The bare model: checkpoints keep the key names of the yacs entry's.
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = DSLACheckpointer(model, cfg.train.output_dir, strict=False, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
@@ -195,9 +197,11 @@ def main(args):
     _check_weights(cfg.train.init_checkpoint)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
-    DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+    # Strict, like the yacs entry: a checkpoint that does not fit (e.g. another class count)
+    # stops with one line instead of evaluating a randomly initialised head.
+    DSLACheckpointer(model, save_dir=cfg.train.output_dir, strict=True).resume_or_load(
         cfg.train.init_checkpoint, resume=args.resume)
-    return do_test(cfg, _create_ddp_model(model))
+    return do_test(cfg, cpu_ddp_model(model))
 
 
 def cli(argv=None):

@@ -6,6 +6,7 @@ Importing this package registers ``shapes_train`` and ``shapes_val`` (generated 
 from .datasets import (
     check_image_files,
     check_num_classes,
+    check_training_data,
     load_coco_dataset,
     num_classes_of,
     register_coco_dataset,
@@ -25,6 +26,7 @@ __all__ = [
     "SHAPES_SPLITS",
     "check_image_files",
     "check_num_classes",
+    "check_training_data",
     "default_shapes_root",
     "generate_shapes_dataset",
     "load_coco_dataset",

@@ -15,6 +15,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..errors import UserError
+
 __all__ = [
     "register_coco_dataset",
     "load_coco_dataset",
@@ -22,6 +24,7 @@ __all__ = [
     "sanitize_dataset_dicts",
     "num_classes_of",
     "check_num_classes",
+    "check_training_data",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,10 +58,10 @@ def register_coco_dataset(
         check_images: verify on load that every image file exists (one stat per image).
 
     Raises:
-        FileNotFoundError: ``json_file`` does not exist (the message names it).
+        UserError: ``json_file`` does not exist (the message names it).
     """
     if not PathManager.isfile(json_file):
-        raise FileNotFoundError(f"Dataset '{name}': annotation file {json_file} does not exist.")
+        raise UserError(f"Dataset '{name}': annotation file {json_file} does not exist.")
     DatasetCatalog.register(
         name, partial(load_coco_dataset, name, json_file, image_root, check_images)
     )
@@ -84,17 +87,17 @@ def load_coco_dataset(
         list[dict]: detectron2 dataset dicts (boxes in ``BoxMode.XYWH_ABS``), sanitised.
 
     Raises:
-        FileNotFoundError: the json file or (with ``check_images``) an image is missing.
-        ValueError: the json cannot be parsed as COCO; the message names the file.
+        UserError: the json file or (with ``check_images``) an image is missing, or the json
+            cannot be parsed as COCO; the message names the file.
     """
     if not PathManager.isfile(json_file):
         # Registered fine, deleted since: say which dataset points at it.
-        raise FileNotFoundError(f"Dataset '{name}': annotation file {json_file} does not exist.")
+        raise UserError(f"Dataset '{name}': annotation file {json_file} does not exist.")
     try:
         dicts = load_coco_json(json_file, image_root, name)
     except _INVALID_JSON_ERRORS as e:
         # pycocotools' messages do not say which file was being read.
-        raise ValueError(
+        raise UserError(
             f"Dataset '{name}': {json_file} is not a valid COCO json file "
             f"({type(e).__name__}: {e})"
         ) from e
@@ -113,12 +116,12 @@ def check_image_files(dataset_dicts: Sequence[Dict], source: str = "the dataset"
         source: where the list came from (e.g. the json path), for the message.
 
     Raises:
-        FileNotFoundError: naming the number of missing images and the first few paths.
+        UserError: naming the number of missing images and the first few paths.
     """
     missing = [d["file_name"] for d in dataset_dicts if not PathManager.isfile(d["file_name"])]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(
+        raise UserError(
             f"{len(missing)} of {len(dataset_dicts)} images listed in {source} "
             f"do not exist: {shown}"
         )
@@ -170,7 +173,7 @@ def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> 
         list[dict]: new dicts; unchanged annotations are shared with the input.
 
     Raises:
-        ValueError: a box is in another mode (e.g. relative or rotated).
+        UserError: a box is in another mode (e.g. relative or rotated).
     """
     counts = {"ok": 0, "clipped": 0, "degenerate": 0, "outside": 0}
     result = []
@@ -181,7 +184,7 @@ def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> 
         for anno in record.get("annotations", []):
             mode = BoxMode(anno["bbox_mode"])
             if mode not in (BoxMode.XYWH_ABS, BoxMode.XYXY_ABS):
-                raise ValueError(f"{dataset_name}: unsupported bbox_mode {mode} in {record}")
+                raise UserError(f"{dataset_name}: unsupported bbox_mode {mode} in {record}")
             bbox, status = _sanitize_box(anno["bbox"], mode, width, height)
             counts[status] += 1
             if status == "clipped":
@@ -216,34 +219,57 @@ def num_classes_of(dataset_name: str) -> int:
         yet (a COCO json registered with ``register_coco_dataset`` learns them on load).
     """
     if dataset_name not in DatasetCatalog:
-        raise KeyError(f"Dataset '{dataset_name}' is not registered.")
+        raise UserError(f"Dataset '{dataset_name}' is not registered (register it with "
+                        "--register-coco NAME JSON_FILE IMAGE_ROOT).")
     meta = MetadataCatalog.get(dataset_name)
     if not hasattr(meta, "thing_classes"):
         DatasetCatalog.get(dataset_name)
     if not hasattr(meta, "thing_classes"):
-        raise ValueError(f"Dataset '{dataset_name}' has no thing_classes in its metadata.")
+        raise UserError(f"Dataset '{dataset_name}' has no thing_classes in its metadata.")
     return len(meta.thing_classes)
 
 
-def check_num_classes(cfg_num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
+def check_num_classes(cfg_num_classes: int, dataset_names: Union[str, Sequence[str]],
+                      key: str = "NUM_CLASSES") -> None:
     """
     Check the config's class count against every dataset's ``thing_classes``.
 
     Args:
         cfg_num_classes: the model's NUM_CLASSES from the config.
-        dataset_names: one name or a list (e.g. ``cfg.DATASETS.TRAIN + cfg.DATASETS.TEST``).
+        dataset_names: one name or a list: the datasets the command uses (training: train and
+            test sets; ``--eval-only``: test sets only).
+        key: the config key of ``cfg_num_classes``, for the message.
 
     Raises:
-        ValueError: stating both numbers; detectron2 counts foreground classes only.
+        UserError: stating both numbers; detectron2 counts foreground classes only.
     """
     if isinstance(dataset_names, str):
         dataset_names = [dataset_names]
     for name in dataset_names:
         n = num_classes_of(name)
         if n != cfg_num_classes:
-            raise ValueError(
-                f"The config's NUM_CLASSES is {cfg_num_classes}, but dataset '{name}' has {n} "
-                f"classes. detectron2's class count has no background class (it counts foreground "
-                f"classes only), so set NUM_CLASSES to {n}."
+            raise UserError(
+                f"{key} = {cfg_num_classes}, but dataset '{name}' has {n} classes. detectron2's "
+                f"class count has no background class (it counts foreground classes only), so "
+                f"set {key} {n}."
             )
 
+
+def check_training_data(dataset_names: Sequence[str]) -> None:
+    """
+    Refuse to train on nothing: every training dataset needs at least one box.
+
+    Args:
+        dataset_names: ``DATASETS.TRAIN``.
+
+    Raises:
+        UserError: no dataset given, or naming the dataset (and its json) without boxes.
+    """
+    if not dataset_names:
+        raise UserError("DATASETS.TRAIN is empty: name the training dataset(s)")
+    for name in dataset_names:
+        dicts = DatasetCatalog.get(name)
+        if not any(anno.get("iscrowd", 0) == 0 for d in dicts for anno in d.get("annotations", [])):
+            source = MetadataCatalog.get(name).get("json_file", "its loader")
+            raise UserError(f"Dataset '{name}' ({source}) has {len(dicts)} images and no usable "
+                            "box annotations: nothing to train on.")

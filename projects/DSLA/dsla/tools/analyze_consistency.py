@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """
 Does the score rank boxes by localisation quality? Score-IoU consistency of a trained model.
 
@@ -12,66 +11,56 @@ most (IoU 0 if none; all detections above the model's score threshold are kept, 
     score_vs_iou.png   scatter of score against IoU, with the mean score per IoU bin
     coco_eval/         COCOEvaluator's files (detections in COCO json format)
 
-    python projects/DSLA/tools/analyze_consistency.py \\
+    dsla-analyze-consistency \\
         --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --dataset shapes_val \\
         --output out/consistency MODEL.WEIGHTS output/demo/model_final.pth
 """
-import argparse
-import json
-import math
 import os
 import sys
 from typing import Dict
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # files only: no pyplot, no GUI backend
 
-matplotlib.use("Agg")  # files only; must precede the pyplot import
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
+from detectron2.utils.logger import setup_logger
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader  # noqa: E402
-from detectron2.evaluation import (  # noqa: E402
-    COCOEvaluator,
-    DatasetEvaluators,
-    inference_on_dataset,
+import dsla  # noqa: F401  (registers the meta-architectures and the built-in datasets)
+from dsla.analysis import ScoreIoUEvaluator
+from dsla.cli import (
+    exit_on_user_error,
+    json_safe,
+    load_config,
+    load_model,
+    register_datasets,
+    tool_parser,
+    write_json,
 )
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-import dsla  # noqa: E402,F401  (registers the meta-architectures and the built-in datasets)
-from dsla.analysis import ScoreIoUEvaluator  # noqa: E402
-from dsla.cli import exit_on_user_error, load_config  # noqa: E402
+from dsla.errors import UserError
 
 IOU_BINS = np.linspace(0.0, 1.0, 11)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     epilog=__doc__.strip().split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = tool_parser(__doc__, weights="MODEL.WEIGHTS is required",
+                         output_help="folder for consistency.json, score_vs_iou.png, coco_eval/")
     parser.add_argument("--dataset", default=None,
                         help="registered dataset (default: the config's DATASETS.TEST[0])")
-    parser.add_argument("--output", required=True, metavar="DIR")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides; MODEL.WEIGHTS is required")
     return parser.parse_args(argv)
 
 
-def evaluate(cfg, dataset: str, output_dir: str):
+def evaluate(cfg, model, dataset: str, output_dir: str):
     """
-    Run the model of ``cfg`` (with ``MODEL.WEIGHTS``) on ``dataset``.
+    Run ``model`` (eval mode, the weights of ``cfg``) on ``dataset``.
 
     Returns:
         results (dict: ``bbox`` COCO metrics, ``consistency`` correlations) and the
         :class:`ScoreIoUEvaluator` holding the per-detection ``scores`` / ``ious`` ([N]).
     """
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     dicts = DatasetCatalog.get(dataset)
     if not dicts:
-        raise ValueError(f"dataset '{dataset}' has no images")
+        raise UserError(f"dataset '{dataset}' has no images")
     loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False),
                                          num_workers=cfg.DATALOADER.NUM_WORKERS)
     pairs = ScoreIoUEvaluator(dicts)
@@ -89,7 +78,8 @@ def plot_score_vs_iou(scores: np.ndarray, ious: np.ndarray, summary: Dict, title
     Returns:
         a matplotlib Figure: scatter (IoU on x, score on y) plus the mean score per IoU bin.
     """
-    fig, ax = plt.subplots(figsize=(5.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(5.0, 4.2), layout="constrained")
+    ax = fig.subplots()
     ax.scatter(ious, scores, s=4, alpha=0.35, color="tab:blue", lw=0, label="detection")
     bins = np.clip(np.digitize(ious, IOU_BINS[1:-1]), 0, len(IOU_BINS) - 2)
     centres = (IOU_BINS[:-1] + IOU_BINS[1:]) / 2
@@ -107,41 +97,33 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _json_safe(obj):
-    """NaN/inf -> None (COCO APs are NaN for absent size ranges) so the file is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def run(args) -> Dict:
     cfg = load_config(args.config_file, args.opts, require_weights=True)
+    register_datasets(args)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not dataset:
-        raise ValueError("no dataset: pass --dataset NAME (the config has no DATASETS.TEST)")
+        raise UserError("no dataset: pass --dataset NAME (the config has no DATASETS.TEST)")
     if dataset not in DatasetCatalog.list():
-        raise KeyError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+        raise UserError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+    model, _ = load_model(cfg)  # strict: weights that do not fit stop before anything is written
     os.makedirs(args.output, exist_ok=True)
-    results, pairs = evaluate(cfg, dataset, args.output)
-    report = _json_safe({
+    results, pairs = evaluate(cfg, model, dataset, args.output)
+    report = json_safe({
         "dataset": dataset,
         "config_file": args.config_file,
         "weights": cfg.MODEL.WEIGHTS,
         **results["consistency"],
         "coco_bbox": {k: float(v) for k, v in results.get("bbox", {}).items()},
     })
-    with open(os.path.join(args.output, "consistency.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(args.output, "consistency.json"), report)
     fig = plot_score_vs_iou(pairs.scores, pairs.ious, report, f"{dataset}: score vs IoU")
     fig.savefig(os.path.join(args.output, "score_vs_iou.png"), dpi=80)
-    plt.close(fig)
     return report
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logger(name="detectron2", abbrev_name="d2")  # progress and the COCO AP table
     with exit_on_user_error():
         report = run(args)
     bbox = report["coco_bbox"]
@@ -152,5 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    setup_logger(name="detectron2", abbrev_name="d2")  # progress and the COCO AP table
     sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """
 Export a DSLA model to TorchScript by tracing, and check it against the eager model.
 
@@ -12,12 +11,10 @@ records the differences and the traced model's interface:
              0-255, already resized as at test time (shorter side INPUT.MIN_SIZE_TEST)
     outputs: (pred_boxes [D, 4] xyxy in input pixels, pred_classes [D], scores [D], image_size [2])
 
-    python projects/DSLA/tools/export_model.py \\
+    dsla-export \\
         --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --output out/export \\
         MODEL.WEIGHTS output/demo/model_final.pth
 """
-import argparse
-import json
 import os
 import sys
 import warnings
@@ -26,15 +23,21 @@ from typing import Dict
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 import dsla  # noqa: F401  (registers the meta-architectures and the built-in datasets)
-from dsla.cli import exit_on_user_error, load_config
+from dsla.cli import (
+    exit_on_user_error,
+    load_config,
+    load_model,
+    register_datasets,
+    tool_parser,
+    write_json,
+)
+from dsla.errors import UserError
 
 TOLERANCE = 1e-4
 # Order of the traced outputs: TracingAdapter flattens Instances fields in sorted-name order, then
@@ -43,16 +46,11 @@ OUTPUT_NAMES = ["pred_boxes", "pred_classes", "scores", "image_size"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     epilog=__doc__.strip().split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--output", required=True, metavar="DIR")
+    parser = tool_parser(__doc__, weights="MODEL.WEIGHTS is required",
+                         output_help="folder for model.ts and export.json")
     parser.add_argument("--sample-image", default=None, metavar="PATH",
                         help="image to trace with and to check on (default: the first image of "
                         "the config's DATASETS.TEST[0])")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides; MODEL.WEIGHTS is required")
     return parser.parse_args(argv)
 
 
@@ -60,15 +58,15 @@ def sample_image_path(cfg, path=None) -> str:
     """``path`` if it exists, else the first image of ``DATASETS.TEST[0]``."""
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--sample-image not found: {path}")
+            raise UserError(f"--sample-image not found: {path}")
         return path
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
     if dataset not in DatasetCatalog.list():
-        raise ValueError(f"no --sample-image given and DATASETS.TEST[0] ({dataset}) is not a "
+        raise UserError(f"no --sample-image given and DATASETS.TEST[0] ({dataset}) is not a "
                          "registered dataset")
     dicts = DatasetCatalog.get(dataset)
     if not dicts:
-        raise ValueError(f"no --sample-image given and dataset '{dataset}' has no images")
+        raise UserError(f"no --sample-image given and dataset '{dataset}' has no images")
     return dicts[0]["file_name"]
 
 
@@ -82,7 +80,7 @@ def model_input(cfg, image_path: str) -> torch.Tensor:
     try:
         image = read_image(image_path, format=cfg.INPUT.FORMAT)
     except OSError as e:  # PIL: not an image
-        raise ValueError(f"cannot read {image_path}: {e}") from e
+        raise UserError(f"cannot read {image_path}: {e}") from e
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     image = resize.get_transform(image).apply_image(image)
     tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
@@ -149,11 +147,9 @@ def check_report(report: Dict) -> None:
                            f"(tolerance {TOLERANCE}), classes equal: {report['classes_equal']}")
 
 
-def export(cfg, image_path: str, output_dir: str) -> Dict:
-    """Build, load, trace, save, reload and compare; returns the report written to export.json."""
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
+def export(cfg, model, image_path: str, output_dir: str) -> Dict:
+    """Trace ``model`` (eval mode, weights loaded), save, reload and compare; returns the report
+    written to export.json."""
     image = model_input(cfg, image_path)
     traced, adapter = trace_model(model, image)
     os.makedirs(output_dir, exist_ok=True)
@@ -168,8 +164,7 @@ def export(cfg, image_path: str, output_dir: str) -> Dict:
               "input_format": cfg.INPUT.FORMAT, "outputs": OUTPUT_NAMES,
               "torch_version": torch.__version__, "device": str(image.device),
               "tolerance": TOLERANCE, **compare_instances(eager, exported)}
-    with open(os.path.join(output_dir, "export.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(output_dir, "export.json"), report)
     return report
 
 
@@ -177,7 +172,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with exit_on_user_error():
         cfg = load_config(args.config_file, args.opts, require_weights=True)
-        report = export(cfg, sample_image_path(cfg, args.sample_image), args.output)
+        register_datasets(args)
+        model, _ = load_model(cfg)  # before the sample image, which may generate a dataset
+        report = export(cfg, model, sample_image_path(cfg, args.sample_image), args.output)
     try:
         check_report(report)
     except RuntimeError as e:

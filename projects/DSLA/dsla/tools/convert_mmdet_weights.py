@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """
 Convert the authors' DSLA checkpoint (mmdetection 2.x) into a detectron2 checkpoint.
 
-    python projects/DSLA/tools/convert_mmdet_weights.py INPUT.pth OUTPUT.pth \\
+    dsla-convert-mmdet INPUT.pth OUTPUT.pth \\
         [--config-file configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml] [KEY VALUE ...]
     python projects/DSLA/train_net.py --eval-only \\
         --config-file configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml MODEL.WEIGHTS OUTPUT.pth
@@ -11,13 +10,12 @@ The model of --config-file (built on the CPU) fixes the expected keys and shapes
 stops with the list of unused checkpoint keys, missing model keys and shape mismatches unless
 the checkpoint fits it exactly. Use the same config (and overrides) for evaluation.
 """
-import argparse
 import os
 import sys
 
 import torch
 
-from dsla.cli import exit_on_user_error, load_config
+from dsla.cli import exit_on_user_error, load_config, tool_parser
 from dsla.convert import (
     ConversionError,
     convert_mmdet_state_dict,
@@ -27,23 +25,18 @@ from dsla.convert import (
     read_checkpoint_file,
     to_detectron2_checkpoint,
 )
+from dsla.tools import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-Detection", "dsla_R_50_FPN_1x_mmdet.yaml")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", metavar="INPUT", help="mmdetection checkpoint (.pth)")
-    parser.add_argument("output", metavar="OUTPUT", help="detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
-                        help="DSLA config whose model the weights must fit (default: %(default)s)")
+    parser = tool_parser(__doc__, weights="e.g. MODEL.DSLA.NUM_CLASSES 20",
+                         config_default=DEFAULT_CONFIG,
+                         positionals=[("INPUT", "mmdetection checkpoint (.pth)"),
+                                      ("OUTPUT", "detectron2 checkpoint to write (.pth)")])
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read INPUT with full unpickling (trusted files only)")
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
-                        help="KEY VALUE config overrides, e.g. MODEL.DSLA.NUM_CLASSES 20")
     return parser.parse_args(argv)
 
 
@@ -72,7 +65,7 @@ def main(argv=None):
         print("The checkpoint's training config says (check that --config-file agrees: "
               "style caffe = STRIDE_IN_1X1 True, img_norm_cfg = PIXEL_MEAN/STD and INPUT.FORMAT):")
         print("".join(f"    {line}\n" for line in hints), end="")
-    print(f"Evaluate with: python projects/DSLA/train_net.py --eval-only --config-file "
+    print(f"Evaluate with: dsla-train --eval-only --config-file "
           f"{args.config_file} MODEL.WEIGHTS {args.output}")
     return 0
 

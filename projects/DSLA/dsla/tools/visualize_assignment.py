@@ -1,48 +1,46 @@
-#!/usr/bin/env python
 """
 Show how DSLA labels the points of one dataset image, next to FCOS's hard labels.
 
-One PNG, one row per FPN level. Column 1: DSLA's smooth label q* of every point (spec §3: core
-zone, interval relaxation across levels, the larger-q box winning where boxes overlap), with the
-config's ``MODEL.DSLA`` switches. Column 2: FCOS's positives (1 inside a box's centre-sampling
-region, ``MODEL.FCOS.CENTER_SAMPLING_RADIUS``, with max(l, t, r, b) in the level's range; 0
-elsewhere).
-Both columns use ``MODEL.DSLA.REGRESS_RANGES`` so that they differ only in the assignment rule.
-Ground-truth boxes are drawn on top; each coloured cell is one point (its centre is the point).
-The image and boxes are resized as at test time (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``).
-No model weights are needed.
+One PNG, one row per FPN level. Column 1: DSLA's smooth label q* of every point, as the model of
+the config computes its training targets (``DSLA.smooth_label_maps``: core zone, interval
+relaxation across levels, the larger-q box winning where boxes overlap). Column 2: FCOS's
+positives (``dsla.fcos_targets``: inside a box's centre-sampling region,
+``MODEL.FCOS.CENTER_SAMPLING_RADIUS``, with max(l, t, r, b) in the level's range).
+Both columns use the DSLA model's points (``dsla.points``) and regress ranges, so that they
+differ only in the assignment rule. Ground-truth boxes are drawn on top; each coloured cell is
+one point (its centre is the point). The image and boxes are resized as at test time
+(``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``). No model weights are needed.
 
-    python projects/DSLA/tools/visualize_assignment.py \\
+    dsla-visualize-assignment \\
         --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --dataset shapes_train --index 3 \\
         --output assignment.png
 """
-import argparse
-import math
 import os
 import sys
 from typing import Dict, List, Tuple
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure  # files only: no pyplot, no GUI backend
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; must precede the pyplot import
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import detectron2.data.transforms as T
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
-import detectron2.data.transforms as T  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.modeling import build_backbone  # noqa: E402
-
-import dsla  # noqa: E402,F401  (registers the backbone and the built-in datasets)
-from dsla.analysis import ground_truth_of  # noqa: E402
-from dsla.cli import exit_on_user_error, load_config  # noqa: E402
-from dsla.assignment import (  # noqa: E402
-    assign_smooth_labels,
-    level_point_info,
-    pairwise_smooth_labels,
-)
+import dsla  # noqa: F401  (registers the meta-architectures and the built-in datasets)
+from dsla.analysis import ground_truth_of
+from dsla.assignment import _relaxed_ranges, level_point_info
+from dsla.cli import exit_on_user_error, load_config, register_datasets, tool_parser
+from dsla.errors import UserError
+from dsla.fcos_targets import fcos_targets
+from dsla.meta_arch import DSLA
+from dsla.points import grid_points, grid_sizes
 
 # Heatmap over a dimmed grey copy of the image: the labels stay readable on busy images.
 _IMAGE_DIM = 0.55
@@ -51,19 +49,14 @@ _FCOS_COLOUR = (0.9, 0.2, 0.2)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     epilog=__doc__.strip().split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = tool_parser(__doc__, weights="e.g. MODEL.DSLA.CORE_ZONE False",
+                         output_help="the PNG to write")
     parser.add_argument("--dataset", default=None,
                         help="registered dataset (default: the config's DATASETS.TRAIN[0])")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--index", type=int, default=None,
                        help="position of the image in the dataset (default 0)")
     which.add_argument("--image-id", default=None, help="image_id of the image")
-    parser.add_argument("--output", required=True, metavar="FILE.png")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides, e.g. MODEL.DSLA.CORE_ZONE False")
     return parser.parse_args(argv)
 
 
@@ -76,17 +69,18 @@ def load_example(cfg, dataset: str, index=None, image_id=None):
         and the dataset dict.
     """
     if dataset not in DatasetCatalog.list():
-        raise KeyError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+        raise UserError(f"unknown dataset '{dataset}' (not registered; --register-coco NAME "
+                        "JSON_FILE IMAGE_ROOT registers one)")
     dicts = DatasetCatalog.get(dataset)
     if image_id is not None:
         found = [d for d in dicts if str(d["image_id"]) == str(image_id)]
         if not found:
-            raise KeyError(f"dataset '{dataset}' has no image with image_id {image_id}")
+            raise UserError(f"dataset '{dataset}' has no image with image_id {image_id}")
         record = found[0]
     else:
         index = 0 if index is None else index
         if not -len(dicts) <= index < len(dicts):
-            raise ValueError(
+            raise UserError(
                 f"--index {index} is out of range: '{dataset}' has {len(dicts)} images")
         record = dicts[index]
     image = read_image(record["file_name"], format="RGB")
@@ -102,47 +96,43 @@ def level_grids(cfg, image_hw: Tuple[int, int], boxes, classes) -> List[Dict]:
     DSLA and FCOS labels of every point, level by level.
 
     Args:
-        cfg: config with ``MODEL.DSLA`` (and ``MODEL.FCOS``).
+        cfg: a DSLA config (``MODEL.DSLA``, and ``MODEL.FCOS.CENTER_SAMPLING_RADIUS``).
         image_hw: (H, W) of the (resized) image.
         boxes (Tensor[G, 4]), classes (Tensor[G]): ground truth in that image.
 
     Returns:
         one dict per level: ``name``, ``stride``, ``range`` (lo, hi), ``relaxed`` (rlo, rhi),
-        ``dsla`` (float [h, w], q*) and ``fcos`` (float [h, w], 0/1) with h = ceil(H / stride),
-        w = ceil(W / stride): the points (j·s, i·s) that fall on the image.
+        ``dsla`` (float [Hi, Wi], q*) and ``fcos`` (float [Hi, Wi], 0/1): the points (j·s, i·s)
+        that fall on the image.
     """
-    c = cfg.MODEL.DSLA
-    shapes = build_backbone(cfg).output_shape()  # strides of the real backbone, not guessed
-    strides = [shapes[f].stride for f in c.IN_FEATURES]
-    ranges = [tuple(float(v) for v in r) for r in c.REGRESS_RANGES]
-    sizes = [(math.ceil(image_hw[0] / s), math.ceil(image_hw[1] / s)) for s in strides]
-    points, point_strides, point_ranges = level_point_info(
-        [_grid_points(h, w, s) for (h, w), s in zip(sizes, strides)], strides, ranges)
-    _, q, _ = assign_smooth_labels(
-        points, point_strides, point_ranges, boxes, classes, c.NUM_CLASSES,
-        relaxation_factor=c.INTERVAL_RELAXATION_FACTOR, core_zone=c.CORE_ZONE,
-        center_sampling_radius=c.CENTER_SAMPLING_RADIUS)
-    if not c.SMOOTH_LABEL:
-        q = (q > 0).float()  # the hard-label ablation trains with q* = 1 on positives
-    fcos = pairwise_smooth_labels(
-        points, point_strides, point_ranges, boxes, relaxation_factor=0.0, core_zone=False,
-        center_sampling_radius=cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS).gt(0).any(dim=0).float()
-    counts = [h * w for h, w in sizes]
-    f = c.INTERVAL_RELAXATION_FACTOR
+    model = build_model(cfg)
+    if not isinstance(model, DSLA):
+        raise UserError(f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}: this tool "
+                        "shows DSLA's labels, use a DSLA config")
+    gt = Instances(image_hw, gt_boxes=Boxes(boxes), gt_classes=classes)
+    dsla_maps = model.smooth_label_maps(image_hw, gt)
+    fcos_maps = _fcos_positive_maps(model, image_hw, gt, cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS)
+    strides = model.anchor_generator.strides
+    ranges = torch.tensor(model.regress_ranges, dtype=torch.float64)
+    _, _, rlo, rhi = _relaxed_ranges(ranges, model.relaxation_factor)
     return [
-        {"name": name, "stride": s, "range": (lo, hi),
-         "relaxed": (int(lo * (1 - f)), int(hi * (1 + f))) if f > 0 else (lo, hi),
-         "dsla": dq.reshape(h, w).numpy(), "fcos": fq.reshape(h, w).numpy()}
-        for name, s, (lo, hi), (h, w), dq, fq in zip(
-            c.IN_FEATURES, strides, ranges, sizes, q.split(counts), fcos.split(counts))
+        {"name": name, "stride": s, "range": (lo, hi), "relaxed": (float(a), float(b)),
+         "dsla": dq.cpu().numpy(), "fcos": fq.cpu().numpy()}
+        for name, s, (lo, hi), a, b, dq, fq in zip(
+            model.head_in_features, strides, model.regress_ranges, rlo, rhi, dsla_maps, fcos_maps)
     ]
 
 
-def _grid_points(h: int, w: int, stride: int) -> torch.Tensor:
-    """Tensor[h * w, 2]: (x, y) = (j·s, i·s), row-major (spec §2, no half-stride offset)."""
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) * stride,
-                            torch.arange(w, dtype=torch.float32) * stride, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+def _fcos_positive_maps(model, image_hw, gt: Instances, radius: float) -> List[torch.Tensor]:
+    """FCOS's positives (1) on the model's points and ranges, as L maps [Hi, Wi]."""
+    strides = model.anchor_generator.strides
+    points, point_strides, ranges = level_point_info(
+        grid_points(image_hw, strides), strides, model.regress_ranges)
+    labels, _, _ = fcos_targets(points, point_strides, ranges, gt.gt_boxes.tensor,
+                                gt.gt_classes, model.num_classes, center_sampling_radius=radius)
+    positive = (labels != model.num_classes).float()
+    sizes = grid_sizes(image_hw, strides)
+    return [m.reshape(h, w) for m, (h, w) in zip(positive.split([h * w for h, w in sizes]), sizes)]
 
 
 def draw_figure(image, boxes, classes, levels: List[Dict], class_names=None, title=""):
@@ -157,8 +147,8 @@ def draw_figure(image, boxes, classes, levels: List[Dict], class_names=None, tit
         a matplotlib Figure with len(levels) rows and 2 columns.
     """
     rows = len(levels)
-    fig, axes = plt.subplots(rows, 2, figsize=(5.6, 2.75 * rows + 0.9), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(5.6, 2.75 * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False)
     grey = (image.mean(axis=2) * _IMAGE_DIM).astype(np.uint8)
     heat = None
     for ax_row, level in zip(axes, levels):
@@ -173,7 +163,7 @@ def draw_figure(image, boxes, classes, levels: List[Dict], class_names=None, tit
                 heat = ax.imshow(grid, cmap=_DSLA_CMAP, vmin=0, vmax=1, alpha=0.85,
                                  extent=extent, interpolation="nearest")
             else:
-                ax.imshow(grid, cmap=matplotlib.colors.ListedColormap([_FCOS_COLOUR]),
+                ax.imshow(grid, cmap=ListedColormap([_FCOS_COLOUR]),
                           alpha=0.6, extent=extent, interpolation="nearest")
             _draw_boxes(ax, boxes, classes, class_names)
             ax.set_xlim(-0.5, image.shape[1] - 0.5)
@@ -203,7 +193,7 @@ def _label_row(ax_row, level: Dict) -> None:
 
 def _draw_boxes(ax, boxes, classes, class_names) -> None:
     for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes.tolist()):
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.0,
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.0,
                                    edgecolor="white"))
         ax.plot([(x0 + x1) / 2], [(y0 + y1) / 2], marker="+", color="white", markersize=4)
         name = class_names[c] if class_names and c < len(class_names) else str(c)
@@ -215,17 +205,18 @@ def save_png(fig, path: str, dpi: int = 80) -> None:
     """Save ``fig`` as a 256-colour PNG: a third of the size of matplotlib's RGBA output on noisy
     images, with no visible loss on heatmaps (keeps the docs pictures small)."""
     fig.set_dpi(dpi)
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
     Image.fromarray(rgb).quantize(colors=256).save(path, optimize=True)
-    plt.close(fig)
 
 
 def run(args) -> str:
     cfg = load_config(args.config_file, args.opts)
+    register_datasets(args)
     dataset = args.dataset or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None)
     if not dataset:
-        raise ValueError("no dataset: pass --dataset NAME (the config has no DATASETS.TRAIN)")
+        raise UserError("no dataset: pass --dataset NAME (the config has no DATASETS.TRAIN)")
     image, boxes, classes, record = load_example(cfg, dataset, args.index, args.image_id)
     levels = level_grids(cfg, image.shape[:2], boxes, classes)
     names = MetadataCatalog.get(dataset).get("thing_classes", None)

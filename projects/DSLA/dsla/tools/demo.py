@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """
 ``make demo``: the main job on the built-in dataset, end to end on a CPU.
 
@@ -12,9 +11,8 @@
 
 A second run resumes from the last checkpoint (so a finished run only re-evaluates).
 
-    python projects/DSLA/tools/run_demo.py [--config-file CFG] [--output DIR] [KEY VALUE ...]
+    dsla-demo [--config-file CFG] [--output DIR] [KEY VALUE ...]    (what make demo runs)
 """
-import argparse
 import json
 import os
 import sys
@@ -26,18 +24,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
 from dsla.analysis import ground_truth_of, instances_from_coco_results, precision_recall
-from dsla.cli import exit_on_user_error, load_config
+from dsla.cli import exit_on_user_error, load_config, tool_parser
 from dsla.engine import argument_parser, main
+from dsla.tools import REPO
 from dsla.visualization import draw_instances, image_grid
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_cpu.yaml")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    parser = tool_parser(__doc__, config_default=DEFAULT_CONFIG, register_coco=False)
     parser.add_argument("--output", default=os.path.join(REPO, "output", "demo"), metavar="DIR",
                         help="output folder (checkpoints, logs, metrics, PNG)")
     parser.add_argument("--num-images", type=int, default=8,
@@ -46,7 +42,6 @@ def parse_args(argv=None):
     # chosen on the calibration run of the demo recipe (docs/BENCHMARKS.md, "Calibration").
     parser.add_argument("--score-threshold", type=float, default=0.4,
                         help="detections drawn, and counted for precision/recall")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,42 @@
+"""dsla.engine's optimizer: SGD / AdamW with detectron2's gradient clipping hooks, including the
+authors' whole-model clipping (``CLIP_TYPE: "full_model"``)."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_cfg
+from dsla.engine import Trainer
+from dsla.errors import UserError
+
+
+def _step_with_grads(clip_type, optimizer="SGD"):
+    """One optimizer step of two 4-element parameters whose gradients are all 1 (norm 2 each,
+    norm 2·sqrt(2) together), lr 1, no momentum or weight decay; returns the update norms."""
+    cfg = tiny_cfg("SOLVER.OPTIMIZER", optimizer, "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
+                   "SOLVER.WEIGHT_DECAY", "0.0", "SOLVER.WEIGHT_DECAY_NORM", "0.0",
+                   "SOLVER.BIAS_LR_FACTOR", "1.0", "SOLVER.WEIGHT_DECAY_BIAS", "0.0",
+                   "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+                   "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type,
+                   "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+                   "SOLVER.CLIP_GRADIENTS.NORM_TYPE", "2.0")
+    model = nn.ParameterList([nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))])
+    opt = Trainer.build_optimizer(cfg, model)
+    for p in model:
+        p.grad = torch.ones(4)
+    opt.step()
+    return [float(p.detach().norm()) for p in model]
+
+
+def test_full_model_clipping_clips_the_norm_of_all_gradients_together():
+    norms = _step_with_grads("full_model")
+    assert sum(n ** 2 for n in norms) ** 0.5 == pytest.approx(1.0, rel=1e-4)
+    assert norms[0] == pytest.approx(2 ** -0.5, rel=1e-4)
+
+
+def test_norm_clipping_stays_per_parameter():
+    assert _step_with_grads("norm") == pytest.approx([1.0, 1.0], rel=1e-4)
+
+
+def test_unknown_optimizer_is_a_user_error():
+    with pytest.raises(UserError, match="SOLVER.OPTIMIZER"):
+        Trainer.build_optimizer(tiny_cfg("SOLVER.OPTIMIZER", "LAMB"), nn.Linear(2, 2))
