@@ -34,7 +34,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .cli import exit_on_user_error
+from .cli import exit_on_user_error, write_json
 from .checkpoint import DSLACheckpointer
 from .cpu_amp import CPUAutocast
 from .data import check_num_classes, register_coco_dataset
@@ -122,8 +122,7 @@ def do_test(cfg, model):
     if comm.is_main_process() and results:
         print_csv_format(results)
         path = os.path.join(cfg.train.output_dir, "eval_results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(path, results)  # strict JSON: an undefined AP is null, as with yacs
         logger.info(f"Evaluation results written to {path}")
     return results
 
