@@ -10,7 +10,6 @@ user needs (config file, overrides, weights, number of classes), each ending in 
     dsla-lazy-train --config-file CFG.py --eval-only train.init_checkpoint=model_final.pth
     dsla-lazy-train --config-file CFG.py --num-gpus 8 --resume train.max_iter=1000
 """
-import json
 import logging
 import os
 import warnings
