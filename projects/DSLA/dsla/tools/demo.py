@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import numpy as np
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -78,8 +77,10 @@ def print_summary(output_dir, png, pr):
     with open(os.path.join(output_dir, "eval_results.json")) as f:
         bbox = next(iter(json.load(f).values()))
     print("\n==== DSLA demo finished ====")
-    print("box AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f} | "
-          "APl {APl:.1f}".format(**{k: float(np.nan_to_num(v)) for k, v in bbox.items()}))
+    # An AP COCO cannot define (no box of that size) is null in the JSON: shown as "n/a".
+    print("box " + " | ".join(
+        f"{k} " + ("n/a" if bbox.get(k) is None else f"{bbox[k]:.1f}")
+        for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     print(f"picture detections (score >= {pr['score_threshold']}, IoU {pr['iou_threshold']}) on "
           f"{pr['dataset']}: precision {pr['precision']:.3f} "
           f"({pr['true_positives']}/{pr['detections']}), recall {pr['recall']:.3f} "
