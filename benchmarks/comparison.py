@@ -502,7 +502,10 @@ PAPER_TEXT = (
 
 def render_markdown(result: Dict) -> str:
     """comparison.md: per dataset the model table, paired differences, convergence, targets."""
-    text = ""
+    done, planned = result["runs_finished"], result["runs_planned"]
+    text = "" if done == planned else (
+        f"\n**Partial results: {done} of {planned} planned runs finished.** Every verdict below "
+        "is on the seeds finished so far and may change when the rest are run.\n")
     for dataset, data in result["summary"].items():
         train, test = DATASETS[dataset]
         text += f"\n#### `{train}` → `{test}`\n\n"
@@ -595,7 +598,7 @@ def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
     result = {"machine": machine_info("cpu"), "protocol": {"plan": PLAN, "models": MODELS,
               "datasets": DATASETS, "evals_per_run": EVALS_PER_RUN},
               "runs": records, "summary": summary, "targets": check_targets(summary),
-              "cost_line": cost}
+              "cost_line": cost, "runs_finished": len(records), "runs_planned": len(specs)}
     os.makedirs(output_dir, exist_ok=True)
     plot_curves(records, os.path.join(output_dir, "comparison_curves.png"))
     write_results("comparison", result, render_markdown(result), output_dir)
