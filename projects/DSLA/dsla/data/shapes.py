@@ -4,9 +4,9 @@ Two *styles* of the same generator are registered (``STYLES``); both draw filled
 cluttered background in square 256 px images, and differ in their statistics:
 
 ``demo`` (``shapes_train`` / ``shapes_val``, what ``make demo`` trains on) is designed so that a
-detector trained from scratch on two CPU cores converges within the demo's budget (about seven
-minutes of training) to a model that visibly finds the objects, while keeping what makes the data
-useful for comparing label assignments. The choices, and why (measured with DSLA alone while the
+detector trained from scratch on two CPU cores comes close to converging within the demo's
+budget (2400 iterations) to a model that visibly finds the objects, while keeping what makes the
+data useful for comparing label assignments. The choices, and why (measured with DSLA alone while the
 recipe was calibrated, before any comparison with FCOS):
 
 * four classes with distinct outlines (circle, square, triangle, cross) in solid or gradient
