@@ -52,3 +52,17 @@ def test_threshold_and_empty_cases():
     assert pr["precision"] == 0.0 and pr["recall"] == 1.0
     pr = precision_recall([_dets([], [], [])], [GT], 0.1)
     assert pr["precision"] == 1.0 and pr["recall"] == 0.0
+
+
+def test_instances_from_coco_results_round_trip():
+    """COCOEvaluator's saved entries (dataset category ids, XYWH) back to Instances per record."""
+    from dsla.analysis import instances_from_coco_results
+
+    records = [{"image_id": 7, "height": 50, "width": 60}, {"image_id": 3, "height": 40, "width": 40}]
+    results = [{"image_id": 3, "category_id": 12, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5},
+               {"image_id": 3, "category_id": 10, "bbox": [0.0, 0.0, 10.0, 10.0], "score": 0.9}]
+    out = instances_from_coco_results(results, records, {10: 0, 12: 1})
+    assert [len(i) for i in out] == [0, 2] and out[0].image_size == (50, 60)
+    assert out[1].pred_boxes.tensor.tolist() == [[1.0, 2.0, 4.0, 6.0], [0.0, 0.0, 10.0, 10.0]]
+    assert out[1].pred_classes.tolist() == [1, 0]
+    assert out[1].scores.tolist() == [0.5, pytest.approx(0.9)]
