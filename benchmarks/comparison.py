@@ -257,31 +257,42 @@ def read_curve(run_dir: str) -> List[Dict]:
     return curve
 
 
-def nms_gap_of_run(run_dir: str, test_set: str) -> Dict:
-    """:func:`dsla.analysis.nms_localisation_gap` of the run's final model on ``test_set``."""
+def pre_nms_detections(run_dir: str, test_set: str):
+    """
+    Yields ``(dataset record, Instances)`` for every image of ``test_set``: the run's final
+    model with NMS switched off (IoU 1.0 suppresses nothing) and no top-k after it, so the
+    Instances are every candidate that passed the score threshold and the pre-NMS top-k.
+    """
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, build_detection_test_loader
     from detectron2.modeling import build_model
 
-    from dsla.analysis import ground_truth_of, nms_localisation_gap, summarize_nms_gap
     from dsla.cli import load_config
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"), [])
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
-    # Keep every candidate: NMS at IoU 1.0 suppresses nothing, and no top-k after it.
     model.test_nms_thresh, model.max_detections_per_image = 1.0, 10 ** 9
     records = {r["image_id"]: r for r in DatasetCatalog.get(test_set)}
-    kept, best = [], []
     with torch.no_grad():
         for inputs in build_detection_test_loader(cfg, test_set):
-            inst = model(inputs)[0]["instances"].to("cpu")
-            gt_boxes, gt_classes = ground_truth_of(records[inputs[0]["image_id"]])
-            k, b = nms_localisation_gap(inst.pred_boxes.tensor, inst.scores, inst.pred_classes,
-                                        gt_boxes, gt_classes)
-            kept.append(k)
-            best.append(b)
+            yield records[inputs[0]["image_id"]], model(inputs)[0]["instances"].to("cpu")
+
+
+def nms_gap_of_run(run_dir: str, test_set: str) -> Dict:
+    """:func:`dsla.analysis.nms_localisation_gap` of the run's final model on ``test_set``."""
+    import torch
+
+    from dsla.analysis import ground_truth_of, nms_localisation_gap, summarize_nms_gap
+
+    kept, best = [], []
+    for record, inst in pre_nms_detections(run_dir, test_set):
+        gt_boxes, gt_classes = ground_truth_of(record)
+        k, b = nms_localisation_gap(inst.pred_boxes.tensor, inst.scores, inst.pred_classes,
+                                    gt_boxes, gt_classes)
+        kept.append(k)
+        best.append(b)
     return summarize_nms_gap(torch.cat(kept), torch.cat(best))
 
 

@@ -16,7 +16,7 @@ from common import REPO, RESULTS_DIR, display_path, log  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 README = os.path.join(REPO, "README.md")
-SECTIONS = ("comparison", "speed", "assignment")
+SECTIONS = ("comparison", "investigation_shapes_x1", "speed", "assignment")
 NOT_RUN = "_Not run yet: run the command above; its table lands here._\n"
 
 
@@ -29,7 +29,7 @@ def section_text(name: str, results_dir: str = RESULTS_DIR, doc: str = DOC) -> s
         text = f.read()
     # comparison.md links its plots relative to results/; the doc lives elsewhere.
     rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(doc)))
-    return re.sub(r"\]\(([a-z_]+\.png)\)", rf"]({rel}/\1)", text)
+    return re.sub(r"\]\(([a-zA-Z0-9_.]+\.png)\)", rf"]({rel}/\1)", text)
 
 
 def update_docs(results_dir: str = RESULTS_DIR, doc: str = DOC) -> None:

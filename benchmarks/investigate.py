@@ -1,0 +1,312 @@
+"""Why the comparison's targets come out as they do: evidence from its finished runs.
+
+Reads the runs of ``benchmarks/comparison.py`` (it trains nothing) and measures, per detector:
+
+* **the NMS claim taken apart** (``dsla.analysis.nms_candidate_clusters``): for each
+  ground-truth box, its cluster of pre-NMS candidates (same class, IoU >= 0.5); the cluster size;
+  the IoU lost by keeping the highest score (the comparison's metric); the IoU a *random* pick
+  would lose (best - mean IoU of the cluster: the chance level, which grows with the cluster
+  size); the fraction of that chance loss the scores avoid (1 - lost / chance); and the
+  score-IoU Spearman inside clusters of >= 3 candidates. The IoU lost is also split by cluster
+  size, so that detectors are compared on boxes with as many candidates;
+* **per-level recall**: ground-truth boxes binned by the FPN level their centre point is
+  assigned to (max(w, h) / 2 against ``MODEL.DSLA.REGRESS_RANGES``), and per bin the recall at
+  IoU 0.5 and 0.75 of the final detections (those COCOEvaluator saved) and their mean best IoU;
+* **the training signal over training**: positives per image and mean IoU of the positives'
+  predicted boxes, from the ``metrics.json`` of the runs that log them, as curves.
+
+    python benchmarks/investigate.py                 # shapes, 1x runs: investigation.{json,md,png}
+    python benchmarks/investigate.py --dataset crowded
+
+Each run's numbers are cached next to the report (``<output-dir>/investigation/``) under the
+run's config hash, so a re-run after more runs finish only analyses the new ones.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, log, markdown_table, write_results  # noqa: E402
+import comparison  # noqa: E402
+
+LEVELS = ("P3", "P4", "P5", "P6", "P7")
+CLUSTER_BINS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 9), (10, 10 ** 9))
+
+
+def fpn_level(boxes, regress_ranges) -> np.ndarray:
+    """
+    Index of the FPN level whose regress range holds max(w, h) / 2, the largest distance from
+    the box's centre point to its sides (the point most boxes are assigned from).
+
+    Args:
+        boxes (array[G, 4]): xyxy. regress_ranges: [[lo, hi]] per level, in pixels.
+
+    Returns:
+        array[G] int: level index (0 = P3).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    half = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
+    upper = np.array([hi for _, hi in regress_ranges[:-1]], dtype=np.float64)
+    return np.searchsorted(upper, half, side="left")
+
+
+def _final_detections(spec: Dict):
+    """The run's saved final detections, as Instances per record of its test set."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from dsla.analysis import instances_from_coco_results
+
+    test_set = spec["test_set"]
+    path = os.path.join(spec["run_dir"], "inference", test_set, "coco_instances_results.json")
+    with open(path) as f:
+        results = json.load(f)
+    records = DatasetCatalog.get(test_set)
+    id_map = MetadataCatalog.get(test_set).thing_dataset_id_to_contiguous_id
+    return dict(zip([r["image_id"] for r in records],
+                    instances_from_coco_results(results, records, id_map)))
+
+
+def per_box_rows(spec: Dict) -> Dict[str, List[float]]:
+    """
+    One row per ground-truth box of the run's test set: level, cluster statistics and the best
+    IoU of a same-class final detection.
+
+    Returns:
+        dict of lists of length G_total: ``level``, ``count``, ``kept_iou``, ``best_iou``,
+        ``mean_iou``, ``spearman`` (NaN where undefined), ``final_iou`` (0 with no detection).
+    """
+    import torch
+    from detectron2.structures import pairwise_iou, Boxes
+
+    from dsla.analysis import ground_truth_of, nms_candidate_clusters
+    from dsla.cli import load_config
+
+    cfg = load_config(os.path.join(spec["run_dir"], "config.yaml"), [])
+    ranges = [list(r) for r in cfg.MODEL.DSLA.REGRESS_RANGES]
+    finals = _final_detections(spec)
+    rows = defaultdict(list)
+    for record, inst in comparison.pre_nms_detections(spec["run_dir"], spec["test_set"]):
+        gt_boxes, gt_classes = ground_truth_of(record)
+        clusters = nms_candidate_clusters(inst.pred_boxes.tensor, inst.scores,
+                                          inst.pred_classes, gt_boxes, gt_classes)
+        final = finals[record["image_id"]]
+        iou = pairwise_iou(Boxes(gt_boxes), final.pred_boxes)  # [G, D]
+        same = gt_classes[:, None] == final.pred_classes[None, :]
+        best_final = torch.where(same, iou, torch.zeros_like(iou)).max(dim=1).values \
+            if iou.shape[1] else torch.zeros(len(gt_boxes))
+        rows["level"] += fpn_level(gt_boxes.numpy(), ranges).tolist()
+        rows["final_iou"] += best_final.tolist()
+        for key, values in clusters.items():
+            rows[key] += values.tolist()
+    return dict(rows)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_statistics(rows: Dict[str, List[float]]) -> Dict:
+    """The investigation's numbers of one run from its :func:`per_box_rows`."""
+    r = {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
+    has = r["count"] > 0
+    lost, chance = (r["best_iou"] - r["kept_iou"])[has], (r["best_iou"] - r["mean_iou"])[has]
+    out = {
+        "num_gt": int(len(r["count"])),
+        "cluster_size": float(r["count"][has].mean()),
+        "iou_lost": float(lost.mean()),
+        "chance_iou_lost": float(chance.mean()),
+        "chance_loss_avoided": float(1 - lost.sum() / chance.sum()) if chance.sum() else None,
+        "cluster_spearman": _mean(r["spearman"][has]),
+        "by_cluster_size": {}, "by_level": {},
+    }
+    for lo, hi in CLUSTER_BINS:
+        sel = has & (r["count"] >= lo) & (r["count"] <= hi)
+        label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 10 ** 9 else f">={lo}")
+        out["by_cluster_size"][label] = {
+            "boxes": int(sel.sum()),
+            "iou_lost": float((r["best_iou"] - r["kept_iou"])[sel].mean()) if sel.any() else None}
+    for index, name in enumerate(LEVELS):
+        sel = r["level"] == index
+        if sel.any():
+            out["by_level"][name] = {
+                "boxes": int(sel.sum()), "recall_50": float((r["final_iou"][sel] >= 0.5).mean()),
+                "recall_75": float((r["final_iou"][sel] >= 0.75).mean()),
+                "final_iou": float(r["final_iou"][sel].mean()),
+                "cluster_size": float(r["count"][sel].mean())}
+    return out
+
+
+def analysed(spec: Dict, cache_dir: str) -> Dict:
+    """:func:`run_statistics` of a finished run, cached under its config hash."""
+    path = os.path.join(cache_dir, spec["dataset"], spec["model"],
+                        os.path.basename(spec["run_dir"]) + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("config_hash") == spec["config_hash"]:
+            return cached["statistics"]
+    log(f"analysing {spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}")
+    stats = run_statistics(per_box_rows(spec))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"config_hash": spec["config_hash"], "statistics": stats}, f, indent=1)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Training signal over training (from metrics.json).
+# ----------------------------------------------------------------------------------------------
+
+# Scalar names per detector family: positives per image, mean IoU of the positives' boxes.
+SIGNAL_SCALARS = {
+    "num_pos_per_image": ("dsla/num_pos_per_image", "fcos/num_pos_per_image", "num_pos_anchors"),
+    "pos_iou_mean": ("dsla/pos_iou_mean", "fcos/pos_iou_mean"),
+}
+
+
+def signal_curves(run_dir: str, window: int = 10) -> Dict[str, Dict[str, List[float]]]:
+    """
+    ``{scalar: {"iter": [...], "value": [...]}}`` of the SIGNAL_SCALARS the run logs, as
+    running means over ``window`` logged points (the per-batch values are noisy).
+    """
+    by_iter = {}
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        for line in f:
+            row = json.loads(line)
+            # A resumed run logs its last iterations again: keep the latest of each.
+            by_iter[row.get("iteration")] = {**by_iter.get(row.get("iteration"), {}), **row}
+    rows = [by_iter[i] for i in sorted(i for i in by_iter if i is not None)]
+    curves = {}
+    for name, keys in SIGNAL_SCALARS.items():
+        points = [(r["iteration"] + 1, r[k]) for r in rows for k in keys if k in r]
+        if len(points) >= window:
+            it, value = zip(*points)
+            smooth = np.convolve(value, np.ones(window) / window, mode="valid")
+            curves[name] = {"iter": list(it[window - 1:]), "value": smooth.tolist()}
+    return curves
+
+
+def plot_signal(curves: Dict[str, Dict[int, Dict]], path: str) -> None:
+    """Positives per image and IoU of the positives against iteration, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    colours = dict(zip(comparison.MAIN_MODELS, plt.get_cmap("tab10").colors))
+    titles = {"num_pos_per_image": "positives per image (running mean)",
+              "pos_iou_mean": "mean IoU of the positives' predicted boxes"}
+    for ax, (name, title) in zip(axes, titles.items()):
+        for model, by_seed in curves.items():
+            for seed, c in sorted(by_seed.items()):
+                if name in c:
+                    ax.plot(c[name]["iter"], c[name]["value"], color=colours[model], linewidth=1,
+                            label=comparison.MODELS[model][2] if seed == min(by_seed) else None)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary over seeds and report.
+# ----------------------------------------------------------------------------------------------
+
+
+def _spread(values) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def render_markdown(dataset: str, factor: str, stats: Dict[str, Dict[int, Dict]]) -> str:
+    """Three tables: the NMS claim taken apart, the IoU lost by cluster size, per-level recall."""
+    models = [m for m in comparison.MAIN_MODELS if m in stats]
+    name = {m: comparison.MODELS[m][2] for m in models}
+    runs = {m: list(stats[m].values()) for m in models}
+    seeds = {m: ", ".join(str(s) for s in sorted(stats[m])) for m in models}
+    name_png = f"investigation_{dataset}_x{factor.rstrip('x')}_signal.png"
+    text = (f"Runs of `benchmarks/comparison.py` on `{dataset}` at the {factor} schedule; mean "
+            "(min–max) over the seeds listed.\n\n"
+            "**NMS: what the scores keep, against a random pick from the same cluster**\n\n")
+    text += markdown_table(
+        ["detector", "seeds", "candidates per box", "IoU lost (kept)", "IoU lost (random pick)",
+         "chance loss avoided", "Spearman in cluster"],
+        [[name[m], seeds[m], *[_spread([r[k] for r in runs[m]]) for k in
+          ("cluster_size", "iou_lost", "chance_iou_lost", "chance_loss_avoided",
+           "cluster_spearman")]] for m in models])
+    bins = [b for b in runs[models[0]][0]["by_cluster_size"]] if models else []
+    text += ("\n\n**IoU lost by NMS, by cluster size** (boxes with as many candidates)\n\n")
+    text += markdown_table(
+        ["detector", *[f"{b} candidates" for b in bins]],
+        [[name[m], *[_spread([r["by_cluster_size"][b]["iou_lost"] for r in runs[m]]) +
+                     f" [{np.mean([r['by_cluster_size'][b]['boxes'] for r in runs[m]]):.0f}]"
+                     for b in bins]] for m in models])
+    text += ("\n\n[n] = boxes in the bin (mean over seeds; a bin empty in some seeds averages "
+             "the others).\n\n"
+             "**Per FPN level** (the level of the box's centre point): the final "
+             "detections\n\n")
+    rows = []
+    for level in LEVELS:
+        for m in models:
+            per = [r["by_level"][level] for r in runs[m] if level in r["by_level"]]
+            if per:
+                rows.append([level, per[0]["boxes"], name[m],
+                             *[_spread([p[k] for p in per]) for k in
+                               ("recall_50", "recall_75", "final_iou", "cluster_size")]])
+    text += markdown_table(["level", "boxes", "detector", "recall IoU 0.5", "recall IoU 0.75",
+                            "mean best IoU", "candidates per box"], rows)
+    text += (f"\n\n![positives and their IoU over training]({name_png})\n\n"
+             "Positives per image and the mean IoU of their predicted boxes over training "
+             "(running means; detectron2's FCOS logs only the former).\n")
+    return text
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(comparison.DATASETS), default="shapes")
+    parser.add_argument("--factor", type=float, default=1.0, help="schedule factor of the runs")
+    parser.add_argument("--output-dir", default=RESULTS_DIR,
+                        help="where the comparison's runs are (<output-dir>/runs) and the "
+                        "report goes")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import dsla  # noqa: F401  (registers the datasets and models)
+
+    runs_dir = os.path.join(args.output_dir, "runs")
+    specs = [s for s in comparison.planned_specs(runs_dir)
+             if s["dataset"] == args.dataset and s["factor"] == args.factor
+             and s["model"] in comparison.MAIN_MODELS and comparison.is_done(s)]
+    if not specs:
+        raise SystemExit(f"No finished {args.dataset} runs at {args.factor:g}x in {runs_dir}.")
+    cache = os.path.join(args.output_dir, "investigation")
+    stats, curves = defaultdict(dict), defaultdict(dict)
+    for spec in specs:
+        stats[spec["model"]][spec["seed"]] = analysed(spec, cache)
+        curves[spec["model"]][spec["seed"]] = signal_curves(spec["run_dir"])
+    name = f"investigation_{args.dataset}_x{args.factor:g}"
+    plot_signal(curves, os.path.join(args.output_dir, f"{name}_signal.png"))
+    write_results(name, {"dataset": args.dataset, "factor": args.factor, "runs": stats},
+                  render_markdown(args.dataset, f"{args.factor:g}x", stats), args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
