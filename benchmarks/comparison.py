@@ -257,15 +257,9 @@ def read_curve(run_dir: str) -> List[Dict]:
     return curve
 
 
-def pre_nms_detections(run_dir: str, test_set: str):
-    """
-    Yields ``(dataset record, Instances)`` for every image of ``test_set``: the run's final
-    model with NMS switched off (IoU 1.0 suppresses nothing) and no top-k after it, so the
-    Instances are every candidate that passed the score threshold and the pre-NMS top-k.
-    """
-    import torch
+def load_final_model(run_dir: str):
+    """``(cfg, model)``: the run's config and its final weights, in eval mode."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog, build_detection_test_loader
     from detectron2.modeling import build_model
 
     from dsla.cli import load_config
@@ -273,6 +267,19 @@ def pre_nms_detections(run_dir: str, test_set: str):
     cfg = load_config(os.path.join(run_dir, "config.yaml"), [])
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
+    return cfg, model
+
+
+def pre_nms_detections(run_dir: str, test_set: str):
+    """
+    Yields ``(dataset record, Instances)`` for every image of ``test_set``: the run's final
+    model with NMS switched off (IoU 1.0 suppresses nothing) and no top-k after it, so the
+    Instances are every candidate that passed the score threshold and the pre-NMS top-k.
+    """
+    import torch
+    from detectron2.data import DatasetCatalog, build_detection_test_loader
+
+    cfg, model = load_final_model(run_dir)
     model.test_nms_thresh, model.max_detections_per_image = 1.0, 10 ** 9
     records = {r["image_id"]: r for r in DatasetCatalog.get(test_set)}
     with torch.no_grad():

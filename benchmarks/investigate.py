@@ -12,6 +12,10 @@ Reads the runs of ``benchmarks/comparison.py`` (it trains nothing) and measures,
 * **per-level recall**: ground-truth boxes binned by the FPN level their centre point is
   assigned to (max(w, h) / 2 against ``MODEL.DSLA.REGRESS_RANGES``), and per bin the recall at
   IoU 0.5 and 0.75 of the final detections (those COCOEvaluator saved) and their mean best IoU;
+* **the positives by the source of their label**: each model labels the test set's points as
+  in training; DSLA's positives are split into those that are positive without the interval
+  relaxation (``core``; plain FCOS's are all of this kind) and those positive only because of
+  it, with their q*, the IoU of their boxes and their scores;
 * **the training signal over training**: positives per image and mean IoU of the positives'
   predicted boxes, from the ``metrics.json`` of the runs that log them, as curves.
 
@@ -144,20 +148,121 @@ def run_statistics(rows: Dict[str, List[float]]) -> Dict:
 
 
 def analysed(spec: Dict, cache_dir: str) -> Dict:
-    """:func:`run_statistics` of a finished run, cached under its config hash."""
+    """:func:`run_statistics` and :func:`zone_statistics` (``zones``, None for detectron2's
+    FCOS, which labels points its own way) of a finished run, cached under its config hash."""
     path = os.path.join(cache_dir, spec["dataset"], spec["model"],
                         os.path.basename(spec["run_dir"]) + ".json")
+    stats = {}
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
         if cached.get("config_hash") == spec["config_hash"]:
-            return cached["statistics"]
+            stats = cached["statistics"]
+    if "zones" in stats:
+        return stats
     log(f"analysing {spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}")
-    stats = run_statistics(per_box_rows(spec))
+    if "iou_lost" not in stats:
+        stats = run_statistics(per_box_rows(spec))
+    stats["zones"] = None if spec["model"] == "fcos" else zone_statistics(zone_rows(spec))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"config_hash": spec["config_hash"], "statistics": stats}, f, indent=1)
     return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# DSLA's positives split by where their label comes from (trained model on the test set).
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense_outputs(model, inputs):
+    """Every point's box and per-class score (as inference ranks them), and the anchors, of one
+    test image (DSLA or plain FCOS).
+
+    Returns:
+        anchors (L Boxes [Pi, 4]), boxes [P, 4] xyxy (resized image), scores [P, C].
+    """
+    from detectron2.layers import cat
+
+    images = model.preprocess_image(inputs)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    predictions = model.head(features)
+    # Plain FCOS's head adds centerness logits; its score is cls x centerness (dsla.fcos_plain).
+    dims = [model.num_classes, 4, 1][:len(predictions)]
+    outputs = model._transpose_dense_predictions(predictions, dims)
+    anchors = model.anchor_generator(features)
+    points = cat([a.tensor for a in anchors])
+    boxes = model.box2box_transform.apply_deltas(cat(outputs[1], dim=1)[0], points)
+    scores = cat(outputs[0], dim=1)[0].sigmoid()
+    if len(outputs) == 3:
+        scores = scores * cat(outputs[2], dim=1)[0].sigmoid()
+    return anchors, boxes, scores
+
+
+def _resized_gt(record, image_size):
+    """The record's ground truth as Instances in the coordinates of the resized test image."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    from dsla.analysis import ground_truth_of
+
+    boxes, classes = ground_truth_of(record)
+    scale = torch.tensor([image_size[1] / record["width"], image_size[0] / record["height"]] * 2)
+    return Instances(image_size, gt_boxes=Boxes(boxes * scale), gt_classes=classes)
+
+
+def zone_rows(spec: Dict) -> Dict[str, List[float]]:
+    """
+    The positive points on the test set, labelled as in training (the model's own
+    ``label_points``: DSLA's smooth labels or plain FCOS's hard ones), each marked by the
+    source of its label: ``core`` (also positive without the interval relaxation; all of plain
+    FCOS's) or ``relaxation`` (positive only because the regress range is relaxed). Per
+    positive: its q* (plain FCOS: centerness target), the IoU of its predicted box with its g*,
+    and its score for g*'s class (what NMS ranks).
+
+    Returns:
+        dict of lists of length K_total: ``relaxed`` (0/1), ``q``, ``iou``, ``score``.
+    """
+    import torch
+    from detectron2.data import DatasetCatalog, build_detection_test_loader
+    from detectron2.structures import Boxes
+    from detectron2.structures.boxes import matched_pairwise_iou
+
+    cfg, model = comparison.load_final_model(spec["run_dir"])
+    records = {r["image_id"]: r for r in DatasetCatalog.get(spec["test_set"])}
+    rows, relaxation = defaultdict(list), model.relaxation_factor
+    with torch.no_grad():
+        for inputs in build_detection_test_loader(cfg, spec["test_set"]):
+            image_size = tuple(inputs[0]["image"].shape[-2:])
+            gt = _resized_gt(records[inputs[0]["image_id"]], image_size)
+            anchors, boxes, scores = _dense_outputs(model, inputs)
+            labels, q, matched = (x[0] for x in model.label_points(anchors, [gt]))
+            model.relaxation_factor = 0.0
+            unrelaxed = model.label_points(anchors, [gt])[0][0]
+            model.relaxation_factor = relaxation
+            pos = labels != model.num_classes
+            rows["relaxed"] += (unrelaxed[pos] == model.num_classes).float().tolist()
+            rows["q"] += q[pos].tolist()
+            rows["iou"] += matched_pairwise_iou(Boxes(boxes[pos]), Boxes(matched[pos])).tolist()
+            rows["score"] += scores[pos, labels[pos]].tolist()
+    rows["images"] = [len(records)]
+    return dict(rows)
+
+
+def zone_statistics(rows: Dict[str, List[float]]) -> Dict:
+    """Per source of the label (``core``, ``relaxation``): positives per image, mean q*, IoU,
+    score, and the share of positives whose box has IoU < 0.5 but scores >= 0.05 (a candidate
+    that reaches NMS with a poor box)."""
+    r = {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
+    out = {}
+    for name, sel in (("core", r["relaxed"] == 0), ("relaxation", r["relaxed"] == 1)):
+        out[name] = {"per_image": float(sel.sum() / r["images"][0]),
+                     **{k: float(r[k][sel].mean()) if sel.any() else None
+                        for k in ("q", "iou", "score")},
+                     "poor_but_scored": float(((r["iou"] < 0.5) & (r["score"] >= 0.05))[sel].mean())
+                     if sel.any() else None}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +375,22 @@ def render_markdown(dataset: str, factor: str, stats: Dict[str, Dict[int, Dict]]
                                ("recall_50", "recall_75", "final_iou", "cluster_size")]])
     text += markdown_table(["level", "boxes", "detector", "recall IoU 0.5", "recall IoU 0.75",
                             "mean best IoU", "candidates per box"], rows)
+    text += ("\n\n**The positive points on the test set**, labelled as in training by each "
+             "model's own rule, split by the source of the label (relaxation: positive only "
+             "because DSLA relaxes the regress ranges; q* is plain FCOS's centerness target); "
+             "score = what NMS ranks (DSLA: the class probability; plain FCOS: cls × "
+             "centerness)\n\n")
+    rows = []
+    for m in models:
+        zones = [r["zones"] for r in runs[m] if r.get("zones")]
+        for zone in ("core", "relaxation"):
+            if zones and zones[0][zone]["per_image"]:
+                rows.append([name[m], zone, *[_spread([z[zone][k] for z in zones]) for k in
+                                              ("per_image", "q", "iou", "score",
+                                               "poor_but_scored")]])
+    text += markdown_table(["detector", "label", "positives per image", "mean q*",
+                            "IoU of their boxes", "mean score",
+                            "IoU < 0.5 with score >= 0.05"], rows)
     text += (f"\n\n![positives and their IoU over training]({name_png})\n\n"
              "Positives per image and the mean IoU of their predicted boxes over training "
              "(running means; detectron2's FCOS logs only the former).\n")

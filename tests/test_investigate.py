@@ -26,3 +26,15 @@ def test_statistics_compare_the_kept_candidate_with_chance():
     assert s["by_cluster_size"]["3"] == {"boxes": 1, "iou_lost": 0.30000000000000004}
     p3, p4 = s["by_level"]["P3"], s["by_level"]["P4"]
     assert p3["recall_50"] == 1.0 and p3["recall_75"] == 0.5 and p4["recall_50"] == 0.0
+
+
+def test_zone_statistics_split_positives_by_the_source_of_their_label():
+    from investigate import zone_statistics
+
+    rows = {"relaxed": [0, 0, 1, 1], "q": [0.8, 0.6, 0.2, 0.4], "iou": [0.9, 0.4, 0.3, 0.7],
+            "score": [0.5, 0.1, 0.01, 0.2], "images": [2]}
+    z = zone_statistics(rows)
+    assert z["core"]["per_image"] == 1.0 and math.isclose(z["core"]["q"], 0.7)
+    assert math.isclose(z["relaxation"]["iou"], 0.5) and math.isclose(z["relaxation"]["score"], 0.105)
+    # Core: the IoU-0.4 point scores 0.1 (counted); relaxation: the IoU-0.3 point scores 0.01.
+    assert z["core"]["poor_but_scored"] == 0.5 and z["relaxation"]["poor_but_scored"] == 0.0
