@@ -1,7 +1,8 @@
 """Run every benchmark (``make benchmark``), then copy their tables into docs/BENCHMARKS.md.
 
 Order: the DSLA-vs-FCOS comparison first (hours on a 2-core CPU; cached per run, so the same
-command completes an interrupted one), so that the speed benchmark can time the trained shapes
+command completes an interrupted one), then its investigation (the finished runs' NMS clusters,
+per-level recall and positives), so that the speed benchmark can time the trained shapes
 detectors; then speed, then assignment. Each runs in
 its own subprocess, so one failing does not stop the others; the exit code says if any failed.
 
@@ -22,10 +23,11 @@ from common import (  # noqa: E402
     REPO, RESULTS_DIR, display_path, log, python_command, thread_env,
 )
 
-BENCHMARKS = ("comparison", "speed", "assignment")
+BENCHMARKS = ("comparison", "investigate", "speed", "assignment")
 # Tiny settings that exercise every code path in a few minutes (numbers are meaningless).
 QUICK_ARGS = {
     "comparison": ["--quick"],
+    "investigate": ["--factor", "0.01"],
     "speed": ["--settings", "shapes", "--warmup", "1", "--train-iters", "2",
               "--infer-iters", "2"],
     "assignment": ["--boxes", "10", "100", "--repeats", "2"],

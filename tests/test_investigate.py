@@ -1,9 +1,16 @@
 """The investigation of the comparison (benchmarks/investigate.py): level binning and statistics."""
 import math
 
-from investigate import fpn_level, run_statistics
+import torch
+
+from detectron2.structures import Boxes, Instances
+
+from investigate import (
+    _cluster_counterfactual, _resized_gt, fpn_level, run_statistics, zone_statistics,
+)
 
 RANGES = [[0, 16], [16, 32], [32, 64], [64, 128], [128, 1e8]]
+NAN = math.nan
 
 
 def test_level_is_the_range_of_half_the_longer_side():
@@ -14,27 +21,59 @@ def test_level_is_the_range_of_half_the_longer_side():
 
 
 def test_statistics_compare_the_kept_candidate_with_chance():
-    rows = {"level": [0, 0, 1], "count": [3, 1, 0],
-            "kept_iou": [0.6, 0.9, math.nan], "best_iou": [0.9, 0.9, math.nan],
-            "mean_iou": [0.7, 0.9, math.nan], "spearman": [-0.5, math.nan, math.nan],
-            "final_iou": [0.8, 0.7, 0.0]}
+    rows = {"level": [0, 0, 1, 1], "count": [3, 1, 0, 2],
+            "kept_iou": [0.6, 0.9, NAN, 0.7], "best_iou": [0.9, 0.9, NAN, 0.8],
+            "mean_iou": [0.7, 0.9, NAN, 0.75], "spearman": [-0.5, NAN, NAN, NAN],
+            "final_iou": [0.8, 0.7, 0.0, 0.6]}
     s = run_statistics(rows)
-    # Boxes with candidates: lost 0.3 and 0; a random pick would lose 0.2 and 0.
-    assert math.isclose(s["iou_lost"], 0.15) and math.isclose(s["chance_iou_lost"], 0.1)
-    assert math.isclose(s["chance_loss_avoided"], 1 - 0.3 / 0.2)
+    # Boxes with candidates: lost 0.3, 0, 0.1; a random pick would lose 0.2, 0, 0.05. The share
+    # avoided is a ratio of sums (1 - 0.4 / 0.25), not a mean of per-box ratios (-0.5, -1).
+    assert math.isclose(s["iou_lost"], 0.4 / 3) and math.isclose(s["chance_iou_lost"], 0.25 / 3)
+    assert math.isclose(s["chance_loss_avoided"], 1 - 0.4 / 0.25)
     assert math.isclose(s["cluster_size"], 2.0) and math.isclose(s["cluster_spearman"], -0.5)
-    assert s["by_cluster_size"]["3"] == {"boxes": 1, "iou_lost": 0.30000000000000004}
+    assert s["by_cluster_size"]["3"]["boxes"] == 1
+    assert math.isclose(s["by_cluster_size"]["3"]["iou_lost"], 0.3)
     p3, p4 = s["by_level"]["P3"], s["by_level"]["P4"]
-    assert p3["recall_50"] == 1.0 and p3["recall_75"] == 0.5 and p4["recall_50"] == 0.0
+    assert p3["recall_50"] == 1.0 and p3["recall_75"] == 0.5 and p4["recall_50"] == 0.5
+    assert math.isclose(p3["final_iou"], 0.75) and math.isclose(p4["final_iou"], 0.3)
+    # Candidates per box count only boxes that have a cluster (the P4 box without one is out).
+    assert p3["cluster_size"] == 2.0 and p4["cluster_size"] == 2.0
 
 
 def test_zone_statistics_split_positives_by_the_source_of_their_label():
-    from investigate import zone_statistics
-
     rows = {"relaxed": [0, 0, 1, 1], "q": [0.8, 0.6, 0.2, 0.4], "iou": [0.9, 0.4, 0.3, 0.7],
-            "score": [0.5, 0.1, 0.01, 0.2], "images": [2]}
+            "score": [0.5, 0.1, 0.01, 0.2], "images": [2],
+            "lost_all": [0.2, NAN, 0.1], "lost_without": [0.0, NAN, NAN],
+            "share_relaxed": [0.5, NAN, 1.0], "kept_relaxed": [1.0, NAN, 1.0]}
     z = zone_statistics(rows)
-    assert z["core"]["per_image"] == 1.0 and math.isclose(z["core"]["q"], 0.7)
-    assert math.isclose(z["relaxation"]["iou"], 0.5) and math.isclose(z["relaxation"]["score"], 0.105)
-    # Core: the IoU-0.4 point scores 0.1 (counted); relaxation: the IoU-0.3 point scores 0.01.
-    assert z["core"]["poor_but_scored"] == 0.5 and z["relaxation"]["poor_but_scored"] == 0.0
+    assert z["unrelaxed"]["per_image"] == 1.0 and math.isclose(z["unrelaxed"]["q"], 0.7)
+    assert math.isclose(z["relaxation"]["iou"], 0.5)
+    assert math.isclose(z["relaxation"]["score"], 0.105)
+    # Unrelaxed: the IoU-0.4 point scores 0.1 (counted); relaxation: the IoU-0.3 one scores 0.01.
+    assert z["unrelaxed"]["poor_but_scored"] == 0.5 and z["relaxation"]["poor_but_scored"] == 0.0
+    # Only the first box has a cluster both ways.
+    assert z["clusters"] == {"boxes": 1, "lost_all": 0.2, "lost_without_relaxation": 0.0,
+                             "share_relaxed": 0.5, "kept_relaxed": 1.0}
+
+
+def test_counterfactual_drops_the_relaxation_only_points():
+    gt = Instances((100, 100), gt_boxes=Boxes(torch.tensor([[0., 0., 10., 10.]])),
+                   gt_classes=torch.tensor([1]))
+    # Point 0: exact box, score 0.3 (unrelaxed); point 1: IoU 0.6, score 0.9, relaxation-only;
+    # point 2: IoU 0.8 but class 1 scores below the threshold; point 3: IoU 0.25.
+    boxes = torch.tensor([[0., 0., 10., 10.], [0., 0., 6., 10.], [0., 0., 8., 10.],
+                          [0., 0., 2.5, 10.]])
+    scores = torch.tensor([[0.0, 0.3], [0.0, 0.9], [0.9, 0.01], [0.0, 0.99]])
+    out = _cluster_counterfactual(gt, boxes, scores, torch.tensor([False, True, False, False]),
+                                  score_thresh=0.05)
+    assert torch.allclose(out["lost_all"], torch.tensor([0.4]))
+    assert torch.allclose(out["lost_without"], torch.tensor([0.0]))
+    assert out["share_relaxed"].tolist() == [0.5] and out["kept_relaxed"].tolist() == [1.0]
+
+
+def test_ground_truth_is_scaled_to_the_resized_image_per_axis():
+    record = {"height": 100, "width": 200, "annotations": [
+        {"bbox": [20, 10, 40, 30], "bbox_mode": 0, "category_id": 2}]}
+    gt = _resized_gt(record, (50, 400))  # height halved, width doubled
+    assert gt.gt_boxes.tensor.tolist() == [[40.0, 5.0, 80.0, 15.0]]
+    assert gt.gt_classes.tolist() == [2]
