@@ -117,6 +117,15 @@ def schedule_opts(config_file: str, factor: float) -> List[str]:
             "SOLVER.CHECKPOINT_PERIOD", str(max(max_iter // EVALS_PER_RUN, 1))]
 
 
+def num_classes_opts(train_set: str) -> List[str]:
+    """The class count of ``train_set`` for every detector's head (the configs say 4, the
+    classes of ``shapes``; ``crowded`` has 5)."""
+    from dsla.data.datasets import num_classes_of
+
+    n = str(num_classes_of(train_set))
+    return ["MODEL.DSLA.NUM_CLASSES", n, "MODEL.FCOS.NUM_CLASSES", n]
+
+
 def run_spec(dataset: str, model: str, seed: int, factor: float, runs_dir: str) -> Dict:
     """Config, overrides, output directory and config hash of one training run."""
     config_name, switches, _ = MODELS[model]
@@ -125,7 +134,8 @@ def run_spec(dataset: str, model: str, seed: int, factor: float, runs_dir: str) 
     name = f"seed{seed}_x{factor:g}"
     run_dir = os.path.join(runs_dir, dataset, model, name)
     opts = ["SEED", str(seed), "DATASETS.TRAIN", f"('{train}',)",
-            "DATASETS.TEST", f"('{test}',)", *schedule_opts(config, factor), *switches]
+            "DATASETS.TEST", f"('{test}',)", *num_classes_opts(train),
+            *schedule_opts(config, factor), *switches]
     spec = {"dataset": dataset, "model": model, "seed": seed, "factor": factor,
             "config": config, "opts": opts, "run_dir": run_dir, "test_set": test}
     spec["config_hash"] = config_hash(spec)

@@ -77,3 +77,14 @@ def test_ground_truth_is_scaled_to_the_resized_image_per_axis():
     gt = _resized_gt(record, (50, 400))  # height halved, width doubled
     assert gt.gt_boxes.tensor.tolist() == [[40.0, 5.0, 80.0, 15.0]]
     assert gt.gt_classes.tolist() == [2]
+
+
+def test_every_planned_run_has_its_datasets_class_count(tmp_path):
+    import comparison
+    from dsla.data.datasets import num_classes_of
+
+    for spec in comparison.planned_specs(str(tmp_path)):
+        opts = dict(zip(spec["opts"][::2], spec["opts"][1::2]))
+        train = comparison.DATASETS[spec["dataset"]][0]
+        assert opts["MODEL.DSLA.NUM_CLASSES"] == opts["MODEL.FCOS.NUM_CLASSES"] == str(
+            num_classes_of(train)), spec["run_dir"]
