@@ -16,7 +16,8 @@ from common import REPO, RESULTS_DIR, display_path, log  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 README = os.path.join(REPO, "README.md")
-SECTIONS = ("comparison", "investigation_shapes_x1", "speed", "assignment")
+SECTIONS = ("comparison", "investigation_shapes_x1", "investigation_shapes_x1.5", "speed",
+            "assignment")
 NOT_RUN = "_Not run yet: run the command above; its table lands here._\n"
 
 
@@ -37,7 +38,8 @@ def update_docs(results_dir: str = RESULTS_DIR, doc: str = DOC) -> None:
     with open(doc) as f:
         text = f.read()
     for name in SECTIONS:
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)",
+        pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?"
+                             rf"(<!-- /results:{re.escape(name)} -->)",
                              re.DOTALL)
         body = section_text(name, results_dir, doc)
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
