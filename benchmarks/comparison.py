@@ -15,7 +15,8 @@ dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move 
   each detector once more (seed 0) at 1.5x the schedule (lr steps scaled alike, warm-up
   unchanged) to show convergence; the ablation ladder (hard labels -> core zone -> relaxation;
   + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded`` the four detectors x
-  seeds 0, 1 and each once at 1.5x.
+  seeds 0, 1 and each once at 1.5x. Every run's heads get its training set's class count
+  (``num_classes_opts``: 4 on ``shapes``, 5 on ``crowded``).
 * **Curves**: COCO evaluation after every quarter of the schedule (``EVALS_PER_RUN``).
 * **Metrics** per run: COCO AP, AP50, AP75, APs/m/l of the final model; Spearman rank
   correlation of score and IoU over the final detections matched to a same-class box; and the
