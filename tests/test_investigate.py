@@ -88,3 +88,28 @@ def test_every_planned_run_has_its_datasets_class_count(tmp_path):
         train = comparison.DATASETS[spec["dataset"]][0]
         assert opts["MODEL.DSLA.NUM_CLASSES"] == opts["MODEL.FCOS.NUM_CLASSES"] == str(
             num_classes_of(train)), spec["run_dir"]
+
+
+def test_signal_curves_keep_the_last_log_of_a_resumed_iteration(tmp_path):
+    import json
+
+    from investigate import signal_curves
+
+    rows = [{"iteration": i, "dsla/num_pos_per_image": 1.0} for i in (19, 39, 59)]
+    # Resumed after iteration 39: 39 is logged again with another value; an eval row has no
+    # scalar of interest.
+    rows += [{"iteration": 39, "dsla/num_pos_per_image": 3.0}, {"iteration": 59, "bbox/AP": 5.0},
+             {"iteration": 79, "dsla/num_pos_per_image": 1.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
+    curve = signal_curves(str(tmp_path), window=2)["num_pos_per_image"]
+    assert curve["iter"] == [40, 60, 80] and curve["value"] == [2.0, 2.0, 1.0]
+
+
+def test_docs_link_result_plots_with_dots_and_digits_in_their_names(tmp_path):
+    from update_docs import section_text
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir(), docs.mkdir()
+    (results / "investigation_shapes_x1.5.md").write_text("![a](investigation_shapes_x1.5_signal.png)")
+    text = section_text("investigation_shapes_x1.5", str(results), str(docs / "B.md"))
+    assert text == "![a](../results/investigation_shapes_x1.5_signal.png)"
