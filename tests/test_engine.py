@@ -1,11 +1,12 @@
 """dsla.engine's optimizer: SGD / AdamW with detectron2's gradient clipping hooks, including the
-authors' whole-model clipping (``CLIP_TYPE: "full_model"``)."""
+authors' whole-model clipping (``CLIP_TYPE: "full_model"``); what each launched rank runs."""
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from conftest import tiny_cfg
-from dsla.engine import Trainer
+from dsla.engine import Trainer, run_then_leave_group
 from dsla.errors import UserError
 
 
@@ -40,3 +41,29 @@ def test_norm_clipping_stays_per_parameter():
 def test_unknown_optimizer_is_a_user_error():
     with pytest.raises(UserError, match="SOLVER.OPTIMIZER"):
         Trainer.build_optimizer(tiny_cfg("SOLVER.OPTIMIZER", "LAMB"), nn.Linear(2, 2))
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-rank gloo process group, as ``launch`` makes per rank; destroyed if a test left it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            world_size=1, rank=0)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_finished_leaves_its_process_group(gloo_group):
+    # Left to interpreter shutdown, gloo threads can abort the rank (engine.leave_process_group).
+    assert run_then_leave_group(lambda args: args * 2, 21) == 42
+    assert not dist.is_initialized()
+
+
+def test_a_rank_that_failed_does_not_wait_for_the_others(gloo_group):
+    # A barrier after a failure would wait for ranks stuck in collectives with the failed one.
+    def fail(args):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_then_leave_group(fail, None)
+    assert dist.is_initialized()

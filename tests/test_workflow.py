@@ -109,6 +109,16 @@ def test_two_cpu_processes_agree(tiny_shapes, tmp_path):
     assert "world size: 2" in log or "Rank of current process: 0. World size: 2" in log
 
 
+def test_user_error_in_a_launched_rank_is_one_line(tiny_shapes, tmp_path):
+    (tmp_path / "model_final.pth").write_bytes(b"a finished run")  # fresh training refuses
+    proc = run(["--num-gpus", "2", *train_args(tiny_shapes, tmp_path)])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: OUTPUT_DIR {tmp_path} already holds a training run"), last
+    assert (tmp_path / "model_final.pth").read_bytes() == b"a finished run"
+
+
 def _write_coco(tmp_path, num_categories=3, bad_boxes=True, missing_image=False):
     """A hand-made COCO json: 4 images with coloured rectangles, optionally a degenerate box."""
     images, annotations = [], []

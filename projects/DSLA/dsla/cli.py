@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import yaml
+from torch.multiprocessing import ProcessRaisedException
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -167,19 +168,41 @@ def write_json(path: str, obj) -> None:
         json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
+# Marks a UserError raised in a launched rank, whose parent only gets the rank's traceback text.
+RANK_USER_ERROR = "[user error in a launched rank] "
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def mark_rank_user_error(error: UserError) -> UserError:
+    """The error a launched rank raises for ``error``: its one-line message, marked so that the
+    parent's :func:`exit_on_user_error` can print it as one line too."""
+    return UserError(RANK_USER_ERROR + one_line(error))
+
+
+def _rank_user_error(error: Exception) -> Optional[str]:
+    """The message of a marked UserError that ended a launched rank, or None."""
+    msg = getattr(error, "msg", "") if isinstance(error, ProcessRaisedException) else ""
+    last = msg.strip().splitlines()[-1] if msg.strip() else ""
+    return last.split(RANK_USER_ERROR, 1)[1] if RANK_USER_ERROR in last else None
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
     """
-    Turn :class:`UserError` into ``sys.exit("error: <message>")`` on one line (exit code 1);
-    every other exception is a bug and keeps its traceback. Set ``DSLA_TRACEBACK=1`` to get the
-    traceback of a user error too.
+    Turn :class:`UserError` into ``sys.exit("error: <message>")`` on one line (exit code 1),
+    also when it ended a rank of a multi-process ``launch``; every other exception is a bug and
+    keeps its traceback. Set ``DSLA_TRACEBACK=1`` to get the traceback of a user error too.
     """
     try:
         yield
-    except UserError as e:
-        if os.environ.get("DSLA_TRACEBACK"):
+    except (UserError, ProcessRaisedException) as e:
+        message = one_line(e) if isinstance(e, UserError) else _rank_user_error(e)
+        if message is None or os.environ.get("DSLA_TRACEBACK"):
             raise
-        sys.exit("error: " + " ".join(str(e).split()))
+        sys.exit("error: " + message)
 
 
 def load_model(cfg):

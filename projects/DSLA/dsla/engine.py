@@ -8,6 +8,7 @@ import os
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
@@ -36,6 +37,7 @@ from .cli import (
     add_register_coco_argument,
     check_weights,
     exit_on_user_error,
+    mark_rank_user_error,
     load_config,
     register_datasets,
     write_json,
@@ -279,11 +281,37 @@ def main(args):
     return results
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then destroy the process groups (no-op in a single process).
+
+    Left to interpreter shutdown, gloo's worker threads can outlive Python and abort a rank
+    ("terminate called without an active exception", pytorch/pytorch#190489); detectron2's
+    ``launch`` does not destroy them. Called only after a rank succeeded: after a failure the
+    other ranks never reach the barrier, and ``launch`` ends them instead."""
+    if dist.is_available() and dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+
+
+def run_then_leave_group(main_func, args):
+    """``main_func(args)``, then :func:`leave_process_group`: what ``launch`` runs per rank. In a
+    multi-process run a :class:`UserError` is re-raised marked, so that the parent process (which
+    only gets the rank's traceback text) can still end with the one-line message."""
+    try:
+        results = main_func(args)
+    except UserError as e:
+        if comm.get_world_size() == 1 or os.environ.get("DSLA_TRACEBACK"):
+            raise
+        raise mark_rank_user_error(e) from e
+    leave_process_group()
+    return results
+
+
 def cli(argv=None):
     """Command-line entry point: parse, then ``launch`` one process per device. A
     :class:`UserError` ends with one line; any other exception keeps its traceback."""
     args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
     with exit_on_user_error():
-        return launch(main, args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+        return launch(run_then_leave_group, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(main, args))

@@ -37,7 +37,7 @@ from .cli import exit_on_user_error, write_json
 from .checkpoint import DSLACheckpointer
 from .cpu_amp import CPUAutocast
 from .data import check_num_classes, register_coco_dataset
-from .engine import _log_rank_agreement, cpu_ddp_model, full_model_clipping
+from .engine import _log_rank_agreement, cpu_ddp_model, full_model_clipping, run_then_leave_group
 from .engine import argument_parser
 from .errors import UserError
 
@@ -209,8 +209,8 @@ def cli(argv=None):
     print("Command Line Args:", args)
     # A user error (bad config file, override or value) ends with one line, not a traceback.
     with exit_on_user_error():
-        return launch(main, args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+        return launch(run_then_leave_group, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(main, args))
 
 
 if __name__ == "__main__":
