@@ -1,11 +1,16 @@
 """dsla.engine's optimizer: SGD / AdamW with detectron2's gradient clipping hooks, including the
 authors' whole-model clipping (``CLIP_TYPE: "full_model"``); what each launched rank runs."""
+import traceback
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.multiprocessing import ProcessRaisedException
 
 from conftest import tiny_cfg
+from dsla import engine
+from dsla.cli import RANK_USER_ERROR, exit_on_user_error, mark_rank_user_error
 from dsla.engine import Trainer, run_then_leave_group
 from dsla.errors import UserError
 
@@ -53,17 +58,72 @@ def gloo_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_a_rank_that_finished_leaves_its_process_group(gloo_group):
+@pytest.fixture
+def barriers(monkeypatch):
+    """Whether the group was still initialised at each barrier ``dsla.engine`` called."""
+    calls = []
+    monkeypatch.setattr(engine.comm, "synchronize", lambda: calls.append(dist.is_initialized()))
+    return calls
+
+
+def test_a_rank_that_finished_waits_for_the_others_then_leaves(gloo_group, barriers):
     # Left to interpreter shutdown, gloo threads can abort the rank (engine.leave_process_group).
     assert run_then_leave_group(lambda args: args * 2, 21) == 42
+    assert barriers == [True]
     assert not dist.is_initialized()
 
 
-def test_a_rank_that_failed_does_not_wait_for_the_others(gloo_group):
+@pytest.mark.parametrize("error", [RuntimeError("boom"), UserError("boom")])
+def test_a_rank_that_failed_neither_waits_nor_leaves(gloo_group, barriers, error):
     # A barrier after a failure would wait for ranks stuck in collectives with the failed one.
     def fail(args):
-        raise RuntimeError("boom")
+        raise error
 
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(type(error), match="boom"):
         run_then_leave_group(fail, None)
+    assert barriers == []
     assert dist.is_initialized()
+
+
+def _user_error(args):
+    raise UserError("MODEL.X is\n  bad")
+
+
+@pytest.mark.parametrize("world_size, traceback_env, marked", [
+    (2, None, True), (2, "1", False), (1, None, False)])
+def test_a_launched_ranks_user_error_is_marked_for_the_parent(monkeypatch, world_size,
+                                                               traceback_env, marked):
+    monkeypatch.setattr(engine.comm, "get_world_size", lambda: world_size)
+    monkeypatch.delenv("DSLA_TRACEBACK", raising=False)
+    if traceback_env:
+        monkeypatch.setenv("DSLA_TRACEBACK", traceback_env)
+    with pytest.raises(UserError) as info:
+        run_then_leave_group(_user_error, None)
+    expected = RANK_USER_ERROR + "MODEL.X is bad" if marked else "MODEL.X is\n  bad"
+    assert str(info.value) == expected
+
+
+def _rank_failure(error):
+    """What ``launch``'s parent gets when a rank raised ``error``: its traceback text."""
+    try:
+        raise error
+    except Exception:
+        return ProcessRaisedException(traceback.format_exc(), error_index=1, error_pid=123)
+
+
+def test_parent_ends_a_ranks_user_error_in_one_line(monkeypatch):
+    monkeypatch.delenv("DSLA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info, exit_on_user_error():
+        raise _rank_failure(mark_rank_user_error(UserError("OUTPUT_DIR /x holds a run")))
+    assert info.value.code == "error: OUTPUT_DIR /x holds a run"
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("a bug"),
+    RuntimeError(f"a bug quoting dsla.errors.UserError: {RANK_USER_ERROR}x"),
+    UserError("raised in a rank but not marked"),
+])
+def test_parent_keeps_the_traceback_of_anything_else(monkeypatch, error):
+    monkeypatch.delenv("DSLA_TRACEBACK", raising=False)
+    with pytest.raises(ProcessRaisedException), exit_on_user_error():
+        raise _rank_failure(error)

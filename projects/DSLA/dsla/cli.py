@@ -186,14 +186,16 @@ def _rank_user_error(error: Exception) -> Optional[str]:
     """The message of a marked UserError that ended a launched rank, or None."""
     msg = getattr(error, "msg", "") if isinstance(error, ProcessRaisedException) else ""
     last = msg.strip().splitlines()[-1] if msg.strip() else ""
-    return last.split(RANK_USER_ERROR, 1)[1] if RANK_USER_ERROR in last else None
+    head = f"{UserError.__module__}.{UserError.__qualname__}: {RANK_USER_ERROR}"
+    return last[len(head):] if last.startswith(head) else None
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
     """
     Turn :class:`UserError` into ``sys.exit("error: <message>")`` on one line (exit code 1),
-    also when it ended a rank of a multi-process ``launch``; every other exception is a bug and
+    also when it ended a rank of a multi-process ``launch`` on this machine (and that rank's
+    failure is the one ``launch`` reports); every other exception is a bug and
     keeps its traceback. Set ``DSLA_TRACEBACK=1`` to get the traceback of a user error too.
     """
     try:

@@ -282,12 +282,15 @@ def main(args):
 
 
 def leave_process_group() -> None:
-    """Wait for every rank, then destroy the process groups (no-op in a single process).
+    """Wait for every rank, then destroy the process groups (no-op without an initialised one).
 
     Left to interpreter shutdown, gloo's worker threads can outlive Python and abort a rank
     ("terminate called without an active exception", pytorch/pytorch#190489); detectron2's
-    ``launch`` does not destroy them. Called only after a rank succeeded: after a failure the
-    other ranks never reach the barrier, and ``launch`` ends them instead."""
+    ``launch`` does not destroy them. Called only after this rank succeeded. If another rank
+    failed, the barrier fails too (gloo: "Connection closed by peer" within seconds) or, with
+    NCCL across machines, waits up to the process group's timeout (``launch``: 30 minutes):
+    the price of never destroying a group that a peer still uses. On one machine ``launch``
+    ends the waiting ranks as soon as one fails, and reports the first failure it sees."""
     if dist.is_available() and dist.is_initialized():
         comm.synchronize()
         dist.destroy_process_group()
