@@ -44,6 +44,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -617,13 +618,40 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def last_attempt_start(run_dir: str) -> int:
+    """The iteration the run's last training attempt started from (0 unless it was resumed),
+    from its ``log.txt``: a killed attempt never reports its CPU time, so a resumed run's
+    ``train.cpu_s`` covers only the iterations from there on."""
+    starts = [0]
+    path = os.path.join(run_dir, "log.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            starts += [int(m.group(1)) for m in re.finditer(
+                r"Starting training from iteration (\d+)", f.read())]
+    return starts[-1]
+
+
+def cost_line(records: List[Dict], planned: int, cpu_s: float) -> str:
+    """How many runs are finished and what they cost, naming the runs whose cost is partial."""
+    spent = sum(r["train"]["cpu_s"] + r["analysis_cost"]["cpu_s"] for r in records)
+    line = (f"{len(records)} of {planned} planned runs finished; CPU time of the finished "
+            f"runs {spent / 3600:.1f} h (this invocation: {cpu_s / 3600:.2f} h).")
+    resumed = [r for r in records if r.get("resumed_from_iter")]
+    if resumed:
+        names = ", ".join(f"{r['dataset']}/{r['model']}/seed{r['seed']} x{r['factor']:g} from "
+                          f"iteration {r['resumed_from_iter']}" for r in resumed)
+        runs = "1 resumed run counts" if len(resumed) == 1 else f"{len(resumed)} resumed runs count"
+        line += (f" {runs} only their last attempt's CPU time ({names}), so the total is a lower "
+                 f"bound.")
+    return line
+
+
 def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
     """Write comparison.{json,md} and comparison_curves.png from the finished runs."""
-    records = [dict(read_record(s), signal=training_signal(s["run_dir"]))
+    records = [dict(read_record(s), signal=training_signal(s["run_dir"]),
+                    resumed_from_iter=last_attempt_start(s["run_dir"]))
                for s in specs if is_done(s)]
-    spent = sum(r["train"]["cpu_s"] + r["analysis_cost"]["cpu_s"] for r in records)
-    cost = (f"{len(records)} of {len(specs)} planned runs finished; CPU time of the finished "
-            f"runs {spent / 3600:.1f} h (this invocation: {cpu_s / 3600:.2f} h).")
+    cost = cost_line(records, len(specs), cpu_s)
     summary = summarize(records)
     result = {"machine": machine_info("cpu"), "protocol": {"plan": PLAN, "models": MODELS,
               "datasets": DATASETS, "evals_per_run": EVALS_PER_RUN},

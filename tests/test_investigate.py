@@ -113,3 +113,18 @@ def test_docs_link_result_plots_with_dots_and_digits_in_their_names(tmp_path):
     (results / "investigation_shapes_x1.5.md").write_text("![a](investigation_shapes_x1.5_signal.png)")
     text = section_text("investigation_shapes_x1.5", str(results), str(docs / "B.md"))
     assert text == "![a](../results/investigation_shapes_x1.5_signal.png)"
+
+
+def test_cost_line_names_the_resumed_runs(tmp_path):
+    from comparison import cost_line, last_attempt_start
+
+    (tmp_path / "log.txt").write_text("x Starting training from iteration 0\n"
+                                      "y Starting training from iteration 1800\n")
+    assert last_attempt_start(str(tmp_path)) == 1800
+    assert last_attempt_start(str(tmp_path / "missing")) == 0
+    run = {"dataset": "shapes", "model": "fcos", "seed": 2, "factor": 1.0,
+           "train": {"cpu_s": 3000.0}, "analysis_cost": {"cpu_s": 600.0}}
+    line = cost_line([dict(run, resumed_from_iter=0), dict(run, resumed_from_iter=1800)], 5, 0.0)
+    assert line.startswith("2 of 5 planned runs finished; CPU time of the finished runs 2.0 h")
+    assert "1 resumed run counts only their last attempt's CPU time (shapes/fcos/seed2 x1 from " \
+           "iteration 1800), so the total is a lower bound." in line
