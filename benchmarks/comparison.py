@@ -416,6 +416,23 @@ def convergence(model_runs: Dict) -> Dict:
     return out
 
 
+def ladder_summary(model_runs: Dict) -> Optional[Dict]:
+    """The ablation ladder compared like with like: every rung (DSLA the last, plain FCOS for
+    reference) summarised on the seeds all present rungs share, and each rung's per-seed step
+    over the one below it (AP and NMS IoU lost)."""
+    present = [m for m in LADDER if model_runs.get(m, {}).get("x1")]
+    if not any(m in present for m in LADDER[:3]):
+        return None
+    seeds = sorted(set.intersection(*(set(model_runs[m]["x1"]) for m in present)))
+    shown = present + (["fcos_plain"] if set(seeds) <= set(model_runs.get("fcos_plain", {})
+                                                          .get("x1", {})) else [])
+    models = {m: {"x1": summarize_group({s: model_runs[m]["x1"][s] for s in seeds})}
+              for m in shown}
+    steps = {f"{b}-{a}": paired_differences(model_runs, b, a)
+             for a, b in zip(present, present[1:])}
+    return {"seeds": seeds, "models": models, "steps": steps}
+
+
 def check_targets(summary: Dict) -> Dict:
     """The paper's claims at our scale, per dataset: True (met), False (missed), None (not run)."""
     targets = {}
@@ -449,6 +466,7 @@ def summarize(records: List[Dict]) -> Dict:
             "paired": {f"{a}-{b}": p for a, b in PAIRS
                        if (p := paired_differences(model_runs, a, b)) is not None},
             "convergence": convergence(model_runs),
+            "ladder": ladder_summary(model_runs),
         }
     return summary
 
@@ -489,6 +507,22 @@ def signal_table(data: Dict, models) -> str:
             for m in models if (s := data["models"].get(m, {}).get("x1")) is not None
             and any(s[f"signal_{k}"]["n"] for k in keys)]
     return _table(header, rows) if rows else ""
+
+
+def ladder_text(ladder: Dict) -> str:
+    """The ladder's table on its shared seeds, then each rung's per-seed step over the last."""
+    seeds = ", ".join(str(s) for s in ladder["seeds"])
+    text = (f"\nAblation ladder, seeds {seeds} (each rung adds one part of DSLA; DSLA and plain "
+            "FCOS on the same seeds):\n\n" + model_table(ladder, LADDER + ("fcos_plain",)))
+    rows = []
+    for name, p in ladder["steps"].items():
+        if p is not None:
+            rung = " − ".join(MODELS[m][2].split(":")[0] for m in name.split("-"))
+            ap = ", ".join(f"{d['AP']:+.1f}" for d in p["per_seed"].values())
+            lost = ", ".join(f"{d['nms_mean_iou_lost']:+.4f}" for d in p["per_seed"].values())
+            rows.append([rung, ", ".join(str(s) for s in p["seeds"]), ap, lost])
+    header = ["step", "seeds", "AP per seed", "NMS IoU lost per seed"]
+    return text + "\nEach rung over the one below it (same seed):\n\n" + _table(header, rows)
 
 
 def paired_table(data: Dict) -> str:
@@ -539,9 +573,8 @@ def render_markdown(result: Dict) -> str:
         train, test = DATASETS[dataset]
         text += f"\n#### `{train}` → `{test}`\n\n"
         text += model_table(data, MAIN_MODELS)
-        if any(m in data["models"] for m in LADDER[:3]):
-            text += "\nAblation ladder (each rung adds one part of DSLA):\n\n"
-            text += model_table(data, LADDER)
+        if data.get("ladder"):
+            text += ladder_text(data["ladder"])
         if data["paired"]:
             text += "\nPaired differences (same seed):\n\n" + paired_table(data)
         signal = signal_table(data, MAIN_MODELS + LADDER[:3])

@@ -1,6 +1,7 @@
 """The investigation of the comparison (benchmarks/investigate.py): level binning and statistics."""
 import math
 
+import pytest
 import torch
 
 from detectron2.structures import Boxes, Instances
@@ -128,3 +129,30 @@ def test_cost_line_names_the_resumed_runs(tmp_path):
     assert line.startswith("2 of 5 planned runs finished; CPU time of the finished runs 2.0 h")
     assert "1 resumed run counts only their last attempt's CPU time (shapes/fcos/seed2 x1 from " \
            "iteration 1800), so the total is a lower bound." in line
+
+
+def _record(model, seed, ap, lost):
+    return {"dataset": "shapes", "model": model, "seed": seed, "factor": 1.0,
+            "bbox": {k: ap for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+            "spearman_matched": 0.5, "nms": {"mean_iou_lost": lost, "fraction_worse_0.05": 0.1}}
+
+
+def test_ladder_is_compared_on_the_seeds_its_rungs_share():
+    from comparison import group_runs, ladder_summary, ladder_text
+
+    records = [_record("dsla", s, 70.0 + s, 0.030) for s in (0, 1, 2)]
+    records += [_record("fcos_plain", s, 60.0, 0.020) for s in (0, 1, 2)]
+    records += [_record("ladder0_hard_labels", s, 66.0, 0.010) for s in (0, 1)]
+    records += [_record("ladder2_relaxation", s, 68.0 + s, 0.025) for s in (0, 1)]
+    ladder = ladder_summary(group_runs(records)["shapes"])
+    assert ladder["seeds"] == [0, 1]  # DSLA's seed 2 is left out: like with like
+    assert ladder["models"]["dsla"]["x1"]["AP"]["mean"] == 70.5
+    assert ladder["models"]["fcos_plain"]["x1"]["seeds"] == [0, 1]
+    steps = ladder["steps"]  # rung 1 missing: rung 2 is compared with rung 0
+    assert list(steps) == ["ladder2_relaxation-ladder0_hard_labels", "dsla-ladder2_relaxation"]
+    assert [d["AP"] for d in steps["dsla-ladder2_relaxation"]["per_seed"].values()] == [2.0, 2.0]
+    assert steps["ladder2_relaxation-ladder0_hard_labels"]["per_seed"][1][
+        "nms_mean_iou_lost"] == pytest.approx(0.015)
+    text = ladder_text(ladder)
+    assert "| rung 2 − rung 0 | 0, 1 | +2.0, +3.0 | +0.0150, +0.0150 |" in text
+    assert ladder_summary(group_runs(records[:6])["shapes"]) is None  # no rung run yet
