@@ -173,6 +173,7 @@ RANK_USER_ERROR = "[user error in a launched rank] "
 
 
 def one_line(error: Exception) -> str:
+    """The error's message with every run of whitespace (newlines too) made one space."""
     return " ".join(str(error).split())
 
 

@@ -37,8 +37,8 @@ from .cli import (
     add_register_coco_argument,
     check_weights,
     exit_on_user_error,
-    mark_rank_user_error,
     load_config,
+    mark_rank_user_error,
     register_datasets,
     write_json,
 )
