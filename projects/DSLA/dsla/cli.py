@@ -183,10 +183,10 @@ def mark_rank_user_error(error: UserError) -> UserError:
     return UserError(RANK_USER_ERROR + one_line(error))
 
 
-def _rank_user_error(error: Exception) -> Optional[str]:
+def _rank_user_error(error: ProcessRaisedException) -> Optional[str]:
     """The message of a marked UserError that ended a launched rank, or None."""
-    msg = getattr(error, "msg", "") if isinstance(error, ProcessRaisedException) else ""
-    last = msg.strip().splitlines()[-1] if msg.strip() else ""
+    lines = error.msg.strip().splitlines()  # the rank's traceback text
+    last = lines[-1] if lines else ""
     head = f"{UserError.__module__}.{UserError.__qualname__}: {RANK_USER_ERROR}"
     return last[len(head):] if last.startswith(head) else None
 
