@@ -1,10 +1,10 @@
 """DSLA against FCOS: a converged, controlled comparison on the built-in datasets.
 
-The protocol below (``PROTOCOL``) was fixed and committed before any DSLA-vs-FCOS number of it
-was looked at; the data and the recipe are those of ``make demo`` (``configs/Shapes/
+Phase 1 of the protocol below (``PHASE1``) was fixed and committed before any DSLA-vs-FCOS
+number of it was looked at; phase 2 (``PHASE2``) after phase 1, before any run of it; the data and the recipe are those of ``make demo`` (``configs/Shapes/
 dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move a result.
 
-* **Four detectors**, one config each, same backbone (R-18-GN FPN, 64 channels), widths, data,
+* **Four detectors**, one config each, same backbone (R-18-BN FPN, 64 channels), widths, data,
   schedule and seeds; only the meta-architecture / head options differ:
   ``fcos_plain`` (the FCOS the paper modifies: centerness branch on the classification tower,
   focal loss, IoU loss, no centre sampling, exp distances, score = cls x centerness),
@@ -17,6 +17,10 @@ dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move 
   + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded`` the four detectors x
   seeds 0, 1 and each once at 1.5x. Every run's heads get its training set's class count
   (``num_classes_opts``: 4 on ``shapes``, 5 on ``crowded``).
+* **Phase 2** (``PHASE2``): phase 1 showed that 1.5x adds 2-6 AP to every detector on both
+  datasets, so 1x is not converged. The four detectors at 3x the schedule (seed 0, then the
+  other seeds) with a 4.5x run of seed 0 each as the convergence check; the targets are judged at
+  3x too (``SCHEDULES``), beside the 1x verdicts. The ladder stays at 1x.
 * **Curves**: COCO evaluation after every quarter of the schedule (``EVALS_PER_RUN``).
 * **Metrics** per run: COCO AP, AP50, AP75, APs/m/l of the final model; Spearman rank
   correlation of score and IoU over the final detections matched to a same-class box; and the
@@ -28,7 +32,7 @@ dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move 
   differences dsla - fcos_plain and dsla_tricks - fcos; the targets (the paper's claims at our
   scale): mean DSLA >= mean FCOS-plain + 1.0 AP with DSLA ahead in every seed; mean DSLA-tricks
   >= mean FCOS (tricks); DSLA's mean IoU lost in NMS smaller than both FCOS variants'; and
-  1.5x the schedule adds at most 1 AP for every detector.
+  1.5x the schedule adds at most 1 AP for every detector; each judged at 1x and at 3x.
 
 Runs are cached per (dataset, model, seed, schedule) under ``<output-dir>/runs/`` with the hash of
 their full config; a re-run only trains what is missing (an interrupted run resumes from its
@@ -83,15 +87,35 @@ DATASETS = {
     "shapes": ("shapes_train", "shapes_val"),
     "crowded": ("shapes_crowded_train", "shapes_crowded_val"),
 }
-# (dataset, models, seeds, schedule factor): fixed before any comparison was run.
-# Trained in this order, seed by seed, so that a partial benchmark holds complete comparisons.
-PLAN = (
+# (dataset, models, seeds, schedule factor), trained in this order, seed by seed, so that a
+# partial benchmark holds complete comparisons.
+# Phase 1: fixed before any comparison was run.
+PHASE1 = (
     ("shapes", MAIN_MODELS, (0, 1, 2), 1.0),
     ("shapes", MAIN_MODELS, (0,), 1.5),
     ("crowded", MAIN_MODELS, (0, 1), 1.0),
     ("shapes", LADDER[:3], (0, 1), 1.0),
     ("crowded", MAIN_MODELS, (0,), 1.5),
 )
+# Phase 2 (the comparison at a longer schedule): fixed after phase 1 had shown that 1.5x adds
+# 2-6 AP to every detector on both datasets, before any phase-2 run. 3x with its 4.5x check
+# for every detector, the claim-1 pair (plain FCOS, DSLA) first; the targets are then also
+# judged at 3x, beside (not instead of) the 1x verdicts. Not extended further within this plan.
+PHASE2_ORDER = ("fcos_plain", "dsla", "fcos", "dsla_tricks")
+PHASE2 = (
+    ("shapes", PHASE2_ORDER, (0,), 3.0),
+    ("shapes", PHASE2_ORDER, (0,), 4.5),
+    ("shapes", PHASE2_ORDER, (1, 2), 3.0),
+    ("crowded", PHASE2_ORDER, (0,), 3.0),
+    ("crowded", PHASE2_ORDER, (0,), 4.5),
+    ("crowded", PHASE2_ORDER, (1,), 3.0),
+)
+PLAN = PHASE1 + PHASE2
+# The schedules the targets are judged at, each with the 1.5x schedule that checks it.
+SCHEDULES = {"x1": "x1.5", "x3": "x4.5"}
+# Checkpoint at every evaluation, and at least this often, so that an interrupted long run
+# loses at most ~15 minutes (phase 1's schedules checkpointed every 600 / 900 iterations).
+MAX_CHECKPOINT_PERIOD = 900
 # A smoke test of every code path (numbers meaningless): 1 % of the schedule, one seed.
 QUICK_PLAN = (("shapes", MAIN_MODELS, (0,), 0.01),)
 EVALS_PER_RUN = 4
@@ -114,9 +138,10 @@ def schedule_opts(config_file: str, factor: float) -> List[str]:
     solver = load_config(config_file, []).SOLVER
     max_iter = int(round(solver.MAX_ITER * factor))
     steps = tuple(int(round(s * factor)) for s in solver.STEPS)
+    eval_period = max(max_iter // EVALS_PER_RUN, 1)
     return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps),
-            "TEST.EVAL_PERIOD", str(max(max_iter // EVALS_PER_RUN, 1)),
-            "SOLVER.CHECKPOINT_PERIOD", str(max(max_iter // EVALS_PER_RUN, 1))]
+            "TEST.EVAL_PERIOD", str(eval_period),
+            "SOLVER.CHECKPOINT_PERIOD", str(min(eval_period, MAX_CHECKPOINT_PERIOD))]
 
 
 def num_classes_opts(train_set: str) -> List[str]:
@@ -386,9 +411,10 @@ def summarize_group(runs: Dict[int, Dict]) -> Dict:
     return summary
 
 
-def paired_differences(model_runs: Dict, a: str, b: str) -> Optional[Dict]:
-    """Per-seed ``a - b`` of AP and the NMS IoU lost, on the seeds both have at 1x."""
-    runs_a, runs_b = model_runs.get(a, {}).get("x1", {}), model_runs.get(b, {}).get("x1", {})
+def paired_differences(model_runs: Dict, a: str, b: str, schedule: str = "x1") -> Optional[Dict]:
+    """Per-seed ``a - b`` of AP and the NMS IoU lost, on the seeds both have at ``schedule``."""
+    runs_a = model_runs.get(a, {}).get(schedule, {})
+    runs_b = model_runs.get(b, {}).get(schedule, {})
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
         return None
@@ -405,11 +431,11 @@ def _diff(a, b):
     return None if a is None or b is None else a - b
 
 
-def convergence(model_runs: Dict) -> Dict:
-    """Per model: AP at 1.5x minus AP at 1x, on the seeds run at both."""
+def convergence(model_runs: Dict, schedule: str = "x1") -> Dict:
+    """Per model: AP at 1.5x ``schedule`` minus AP at ``schedule``, on the seeds run at both."""
     out = {}
     for model, by_factor in model_runs.items():
-        long, base = by_factor.get("x1.5", {}), by_factor.get("x1", {})
+        long, base = by_factor.get(SCHEDULES[schedule], {}), by_factor.get(schedule, {})
         seeds = sorted(set(long) & set(base))
         if seeds:
             out[model] = {s: _diff(long[s]["bbox"]["AP"], base[s]["bbox"]["AP"]) for s in seeds}
@@ -434,26 +460,31 @@ def ladder_summary(model_runs: Dict) -> Optional[Dict]:
 
 
 def check_targets(summary: Dict) -> Dict:
-    """The paper's claims at our scale, per dataset: True (met), False (missed), None (not run)."""
-    targets = {}
-    for dataset, data in summary.items():
-        models, pairs = data["models"], data["paired"]
-        t = {}
-        p = pairs.get("dsla-fcos_plain")
-        t["dsla_ge_fcos_plain_plus_1_every_seed"] = None if p is None else bool(
-            p["AP"]["mean"] >= 1.0 and all(d["AP"] > 0 for d in p["per_seed"].values()))
-        p = pairs.get("dsla_tricks-fcos")
-        t["dsla_tricks_ge_fcos"] = None if p is None else bool(p["AP"]["mean"] >= 0)
-        lost = {m: models.get(m, {}).get("x1", {}).get("nms_mean_iou_lost", {}).get("mean")
-                for m in ("dsla", "fcos_plain", "fcos")}
-        t["dsla_nms_iou_lost_below_both_fcos"] = None if None in lost.values() else bool(
-            lost["dsla"] < lost["fcos_plain"] and lost["dsla"] < lost["fcos"])
-        gains = [g for per_seed in data["convergence"].values() for g in per_seed.values()]
-        complete = set(data["convergence"]) >= set(MAIN_MODELS)
-        t["converged_1p5x_adds_at_most_1_ap"] = None if not complete else bool(
-            all(g is not None and g <= 1.0 for g in gains))
-        targets[dataset] = t
-    return targets
+    """The paper's claims at our scale, per dataset and judged schedule (``SCHEDULES``, those with
+    a finished run): True (met), False (missed), None (not measured yet)."""
+    return {dataset: {schedule: targets_at(data["at"][schedule])
+                      for schedule in SCHEDULES if schedule in data["at"]}
+            for dataset, data in summary.items()}
+
+
+def targets_at(data: Dict) -> Dict:
+    """The targets from one schedule's models, paired differences and convergence check."""
+    models, pairs = data["models"], data["paired"]
+    t = {}
+    p = pairs.get("dsla-fcos_plain")
+    t["dsla_ge_fcos_plain_plus_1_every_seed"] = None if p is None else bool(
+        p["AP"]["mean"] >= 1.0 and all(d["AP"] > 0 for d in p["per_seed"].values()))
+    p = pairs.get("dsla_tricks-fcos")
+    t["dsla_tricks_ge_fcos"] = None if p is None else bool(p["AP"]["mean"] >= 0)
+    lost = {m: models.get(m, {}).get("nms_mean_iou_lost", {}).get("mean")
+            for m in ("dsla", "fcos_plain", "fcos")}
+    t["dsla_nms_iou_lost_below_both_fcos"] = None if None in lost.values() else bool(
+        lost["dsla"] < lost["fcos_plain"] and lost["dsla"] < lost["fcos"])
+    gains = [g for per_seed in data["convergence"].values() for g in per_seed.values()]
+    complete = set(data["convergence"]) >= set(MAIN_MODELS)
+    t["converged_1p5x_adds_at_most_1_ap"] = None if not complete else bool(
+        all(g is not None and g <= 1.0 for g in gains))
+    return t
 
 
 def summarize(records: List[Dict]) -> Dict:
@@ -463,12 +494,23 @@ def summarize(records: List[Dict]) -> Dict:
         summary[dataset] = {
             "models": {m: {f: summarize_group(runs) for f, runs in by_factor.items()}
                        for m, by_factor in model_runs.items()},
-            "paired": {f"{a}-{b}": p for a, b in PAIRS
-                       if (p := paired_differences(model_runs, a, b)) is not None},
-            "convergence": convergence(model_runs),
+            "at": {schedule: schedule_summary(model_runs, schedule) for schedule in SCHEDULES
+                   if any(schedule in by_factor for by_factor in model_runs.values())},
             "ladder": ladder_summary(model_runs),
         }
     return summary
+
+
+def schedule_summary(model_runs: Dict, schedule: str) -> Dict:
+    """What the targets at ``schedule`` are judged on: its models, paired differences and the
+    1.5x check."""
+    return {
+        "models": {m: summarize_group(by_factor[schedule])
+                   for m, by_factor in model_runs.items() if schedule in by_factor},
+        "paired": {f"{a}-{b}": p for a, b in PAIRS
+                   if (p := paired_differences(model_runs, a, b, schedule)) is not None},
+        "convergence": convergence(model_runs, schedule),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,12 +576,14 @@ def paired_table(data: Dict) -> str:
     return _table(["difference", "AP per seed", "mean (min–max)"], rows)
 
 
-def convergence_table(data: Dict) -> str:
+def convergence_table(data: Dict, schedule: str = "x1") -> str:
+    """Per model and seed: AP at 1.5x ``schedule`` minus AP at ``schedule``."""
     rows = []
     for m, per_seed in data["convergence"].items():
         for s, gain in per_seed.items():
             rows.append([MODELS[m][2], s, f"{gain:+.1f}" if gain is not None else "n/a"])
-    return _table(["model", "seed", "AP(1.5×) − AP(1×)"], rows)
+    long, base = SCHEDULES[schedule][1:], schedule[1:]
+    return _table(["model", "seed", f"AP({long}×) − AP({base}×)"], rows)
 
 
 def _table(header, rows) -> str:
@@ -565,33 +609,50 @@ PAPER_TEXT = (
 
 def render_markdown(result: Dict) -> str:
     """comparison.md: per dataset the model table, paired differences, convergence, targets."""
-    done, planned = result["runs_finished"], result["runs_planned"]
-    text = "" if done == planned else (
-        f"\n**Partial results: {done} of {planned} planned runs finished.** Every verdict below "
-        "is on the seeds finished so far and may change when the rest are run.\n")
+    progress = ", ".join(f"{name}: {done} of {planned}"
+                         for name, (done, planned) in result["phases"].items())
+    text = "" if result["runs_finished"] == result["runs_planned"] else (
+        f"\n**Partial results** (runs finished, {progress}). Every verdict below is on the "
+        "seeds finished so far and may change when the rest are run.\n")
     for dataset, data in result["summary"].items():
         train, test = DATASETS[dataset]
-        text += f"\n#### `{train}` → `{test}`\n\n"
-        text += model_table(data, MAIN_MODELS)
-        if data.get("ladder"):
-            text += ladder_text(data["ladder"])
-        if data["paired"]:
-            text += "\nPaired differences (same seed):\n\n" + paired_table(data)
-        signal = signal_table(data, MAIN_MODELS + LADDER[:3])
-        if signal:
-            text += ("\nTraining signal, mean over the last 10 % of the iterations (positives "
-                     "and their targets as the models log them; n/a: not logged):\n\n" + signal)
-        if data["convergence"]:
-            text += "\nConvergence (seed 0 at 1.5× the schedule):\n\n" + convergence_table(data)
-            text += ("\nThe same detectors at 1.5× the schedule (seed 0 only; the verdicts "
-                     "below are on the 1× runs):\n\n" + model_table(data, MAIN_MODELS, "x1.5"))
-        text += "\nTargets:\n\n"
-        for key, met in result["targets"][dataset].items():
-            verdict = {True: "**met**", False: "**missed**", None: "not measured yet"}[met]
-            text += f"- {TARGET_TEXT[key]}: {verdict}\n"
+        text += f"\n#### `{train}` → `{test}`\n"
+        for schedule in data["at"]:
+            text += schedule_text(data, schedule, result["targets"][dataset][schedule])
     text += PAPER_TEXT
     text += f"\nCurves: [comparison_curves.png](comparison_curves.png). {result['cost_line']}\n"
     return text
+
+
+def schedule_text(data: Dict, schedule: str, targets: Dict) -> str:
+    """One dataset's tables and verdicts at one judged schedule (the ladder and the training
+    signal are at 1x only)."""
+    at, long = data["at"][schedule], SCHEDULES[schedule]
+    text = f"\n##### At {schedule[1:]}× the recipe's schedule\n\n"
+    text += model_table(data, MAIN_MODELS, schedule)
+    if schedule == "x1" and data.get("ladder"):
+        text += ladder_text(data["ladder"])
+    if at["paired"]:
+        text += "\nPaired differences (same seed):\n\n" + paired_table(at)
+    signal = signal_table(data, MAIN_MODELS + LADDER[:3]) if schedule == "x1" else ""
+    if signal:
+        text += ("\nTraining signal, mean over the last 10 % of the iterations (positives "
+                 "and their targets as the models log them; n/a: not logged):\n\n" + signal)
+    if at["convergence"]:
+        text += (f"\nConvergence (seed 0 at {long[1:]}×, 1.5× this schedule):\n\n"
+                 + convergence_table(at, schedule))
+        text += (f"\nThe same detectors at {long[1:]}× (seed 0 only; the verdicts below are on "
+                 f"the {schedule[1:]}× runs):\n\n" + model_table(data, MAIN_MODELS, long))
+    text += f"\nTargets at {schedule[1:]}×:\n\n"
+    for key, met in targets.items():
+        verdict = {True: "**met**", False: "**missed**", None: "not measured yet"}[met]
+        text += f"- {TARGET_TEXT[key]}: {verdict}\n"
+    return text
+
+
+# Line style of each schedule factor in the curves.
+LINESTYLES = {1.0: "-", 1.5: "--", 3.0: "-.", 4.5: ":"}
+LINESTYLE_NAMES = {"-": "solid", "--": "dashed", "-.": "dash-dot", ":": "dotted"}
 
 
 def plot_curves(records: List[Dict], path: str) -> None:
@@ -613,10 +674,13 @@ def plot_curves(records: List[Dict], path: str) -> None:
             it = [p["iter"] for p in r["curve"]]
             ap = [p["AP"] for p in r["curve"]]
             ax.plot(it, ap, marker="o", markersize=3, color=colours[r["model"]],
-                    linestyle="--" if r["factor"] != 1.0 else "-", linewidth=1,
+                    linestyle=LINESTYLES.get(r["factor"], ":"), linewidth=1,
                     label=None if r["model"] in seen else MODELS[r["model"]][2])
             seen.add(r["model"])
-        ax.set_title(f"{DATASETS[dataset][1]} (dashed: 1.5× schedule)")
+        factors = sorted({r["factor"] for r in records if r["dataset"] == dataset})
+        ax.set_title(DATASETS[dataset][1] + " (" + ", ".join(
+            f"{LINESTYLE_NAMES[LINESTYLES.get(f, ':')]}: {f:g}×" for f in factors) + ")",
+            fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel("box AP")
         ax.grid(alpha=0.3)
@@ -679,6 +743,19 @@ def cost_line(records: List[Dict], planned: int, cpu_s: float) -> str:
     return line
 
 
+PHASES = {"phase 1 (1× and 1.5×)": PHASE1, "phase 2 (3× and 4.5×)": PHASE2}
+
+
+def phase_progress(records: List[Dict], phases=PHASES) -> Dict[str, List[int]]:
+    """``{phase: [finished, planned]}`` runs of each phase of the plan."""
+    keys = {(r["dataset"], r["model"], r["seed"], r["factor"]) for r in records}
+    out = {}
+    for name, plan in phases.items():
+        planned = {(d, m, s, f) for d, models, seeds, f in plan for s in seeds for m in models}
+        out[name] = [len(planned & keys), len(planned)]
+    return out
+
+
 def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
     """Write comparison.{json,md} and comparison_curves.png from the finished runs."""
     records = [dict(read_record(s), signal=training_signal(s["run_dir"]),
@@ -687,9 +764,11 @@ def report(specs: List[Dict], output_dir: str, cpu_s: float) -> Dict:
     cost = cost_line(records, len(specs), cpu_s)
     summary = summarize(records)
     result = {"machine": machine_info("cpu"), "protocol": {"plan": PLAN, "models": MODELS,
+              "judged_schedules": SCHEDULES,
               "datasets": DATASETS, "evals_per_run": EVALS_PER_RUN},
               "runs": records, "summary": summary, "targets": check_targets(summary),
-              "cost_line": cost, "runs_finished": len(records), "runs_planned": len(specs)}
+              "cost_line": cost, "runs_finished": len(records), "runs_planned": len(specs),
+              "phases": phase_progress(records)}
     os.makedirs(output_dir, exist_ok=True)
     plot_curves(records, os.path.join(output_dir, "comparison_curves.png"))
     write_results("comparison", result, render_markdown(result), output_dir)
