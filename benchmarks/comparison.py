@@ -623,15 +623,35 @@ def render_markdown(result: Dict) -> str:
         train, test = DATASETS[dataset]
         text += f"\n#### `{train}` → `{test}`\n"
         for schedule in data["at"]:
-            text += schedule_text(data, schedule, result["targets"][dataset][schedule])
+            done, planned = schedule_progress(result["runs"], result["protocol"]["plan"],
+                                              dataset, schedule)
+            text += schedule_text(data, schedule, result["targets"][dataset][schedule],
+                                  "" if done >= planned else
+                                  f" (provisional: {done} of {planned} runs finished)")
     text += PAPER_TEXT
     text += f"\nCurves: [comparison_curves.png](comparison_curves.png). {result['cost_line']}\n"
+    short = [f"{r['dataset']}/{r['model']}/seed{r['seed']} x{r['factor']:g} "
+             f"({len(r['curve'])})" for r in result["runs"] if len(r["curve"]) < EVALS_PER_RUN]
+    if short:
+        # A run killed during an evaluation resumes after it: that point of its curve is lost.
+        text += (f"\nRuns whose curve has fewer than {EVALS_PER_RUN} evaluations: "
+                 f"{', '.join(short)}.\n")
     return text
 
 
-def schedule_text(data: Dict, schedule: str, targets: Dict) -> str:
+def schedule_progress(records: List[Dict], plan, dataset: str, schedule: str) -> List[int]:
+    """``[finished, planned]`` runs of the four detectors on ``dataset`` at ``schedule`` and at
+    its 1.5x check: what the verdicts at ``schedule`` rest on."""
+    factors = {float(schedule[1:]), float(SCHEDULES[schedule][1:])}
+    planned = {(m, s, f) for d, models, seeds, f in plan if d == dataset and f in factors
+               for s in seeds for m in models if m in MAIN_MODELS}
+    done = {(r["model"], r["seed"], r["factor"]) for r in records if r["dataset"] == dataset}
+    return [len(planned & done), len(planned)]
+
+
+def schedule_text(data: Dict, schedule: str, targets: Dict, status: str = "") -> str:
     """One dataset's tables and verdicts at one judged schedule (the ladder and the training
-    signal are at 1x only)."""
+    signal are at 1x only); ``status`` follows the targets' heading."""
     at, long = data["at"][schedule], SCHEDULES[schedule]
     text = f"\n##### At {schedule[1:]}× the recipe's schedule\n\n"
     text += model_table(data, MAIN_MODELS, schedule)
@@ -648,7 +668,7 @@ def schedule_text(data: Dict, schedule: str, targets: Dict) -> str:
                  + convergence_table(at, schedule))
         text += (f"\nThe same detectors at {long[1:]}× (seed 0 only; the verdicts below are on "
                  f"the {schedule[1:]}× runs):\n\n" + model_table(data, MAIN_MODELS, long))
-    text += f"\nTargets at {schedule[1:]}×:\n\n"
+    text += f"\nTargets at {schedule[1:]}×{status}:\n\n"
     for key, met in targets.items():
         verdict = {True: "**met**", False: "**missed**", None: "not measured yet"}[met]
         what = TARGET_TEXT[key].replace("this schedule", f"this schedule ({long[1:]}× vs "

@@ -21,6 +21,8 @@ def test_long_schedules_checkpoint_often_and_phase1_runs_keep_their_config():
                           "TEST.EVAL_PERIOD": "600", "SOLVER.CHECKPOINT_PERIOD": "600"}
     assert _opts(1.5)["SOLVER.CHECKPOINT_PERIOD"] == _opts(1.5)["TEST.EVAL_PERIOD"] == "900"
     # Phase 2's long runs: four evaluations, a checkpoint at least every 900 iterations.
+    assert _opts(3.0) == {"SOLVER.MAX_ITER": "7200", "SOLVER.STEPS": "(5760, 6720)",
+                          "TEST.EVAL_PERIOD": "1800", "SOLVER.CHECKPOINT_PERIOD": "900"}
     assert _opts(4.5) == {"SOLVER.MAX_ITER": "10800", "SOLVER.STEPS": "(8640, 10080)",
                           "TEST.EVAL_PERIOD": "2700", "SOLVER.CHECKPOINT_PERIOD": "900"}
 
@@ -49,7 +51,8 @@ def test_phase1_runs_keep_the_config_hash_they_were_trained_with(tmp_path):
 def _record(model, seed, factor, ap, lost=0.03):
     return {"dataset": "shapes", "model": model, "seed": seed, "factor": factor,
             "bbox": {k: ap for k in comparison.METRICS}, "spearman_matched": 0.5,
-            "nms": {"mean_iou_lost": lost, "fraction_worse_0.05": 0.1}}
+            "nms": {"mean_iou_lost": lost, "fraction_worse_0.05": 0.1},
+            "curve": [{"iter": i, "AP": ap} for i in (1, 2, 3, 4)]}
 
 
 def _two_schedules(dsla_3x=(73.0, 73.0), dsla_lost_3x=0.01, gain_4p5x=None, skip=()):
@@ -126,7 +129,8 @@ def test_report_counts_each_phase_and_shows_the_3x_verdicts():
     assert phases["phase 1 (1× and 1.5×)"] == [12, 34]
     assert phases["phase 2 (3× and 4.5×)"] == [12, 28]
     result = {"summary": summary, "targets": check_targets(summary), "phases": phases,
-              "runs_finished": len(records), "runs_planned": 62, "cost_line": "cost"}
+              "runs_finished": len(records), "runs_planned": 62, "cost_line": "cost",
+              "runs": records, "protocol": {"plan": comparison.PLAN}}
     text = render_markdown(result)
     assert ("phase 1 (1× and 1.5×): 12 of 34 runs finished, phase 2 (3× and 4.5×): 12 of 28 runs "
             "finished") in text
@@ -139,13 +143,23 @@ def test_report_counts_each_phase_and_shows_the_3x_verdicts():
     assert ("- mean DSLA ≥ mean FCOS-plain + 1.0 AP, DSLA ahead in every seed: **met**" in at3
             and "**missed**" not in at3)
     assert "- 1.5× this schedule (4.5× vs 3×) adds ≤ 1 AP (every detector): **met**" in at3
+    # The plan has seed 2 too: the verdicts so far are marked as such, at both schedules.
+    assert "Targets at 3× (provisional: 12 of 16 runs finished):" in at3
+    assert "Targets at 1× (provisional: 12 of 16 runs finished):" in at1
+    two_seeds = tuple((d, m, tuple(x for x in seeds if x < 2), f)
+                      for d, m, seeds, f in comparison.PLAN)
+    final = render_markdown(dict(result, protocol={"plan": two_seeds}))
+    assert "Targets at 3×:" in final and "provisional" not in final
+    assert "fewer than" not in final  # every fake run has its 4 evaluations
+    records[0]["curve"] = records[0]["curve"][:3]
+    assert ("Runs whose curve has fewer than 4 evaluations: shapes/fcos_plain/seed0 x1 (3)."
+            in render_markdown(result))
     assert "- 1.5× this schedule (1.5× vs 1×) adds ≤ 1 AP (every detector): **missed**" in at1
     assert "| DSLA (R-50 1x head options) | 2 | 59.0 (59.0–59.0) |" in at1 and "73.0" not in at1
 
 
 def test_curves_are_drawn_for_every_schedule(tmp_path):
-    records = [dict(r, curve=[{"iter": 100 * r["factor"], "AP": r["bbox"]["AP"]}])
-               for r in _two_schedules()]
+    records = _two_schedules()
     path = tmp_path / "curves.png"
     comparison.plot_curves(records + [dict(records[0], factor=0.01)], str(path))
     assert path.stat().st_size > 1000
