@@ -1,9 +1,10 @@
 """DSLA against FCOS: a controlled comparison with a convergence check, on the built-in datasets.
 
 Phase 1 of the protocol below (``PHASE1``) was fixed and committed before any DSLA-vs-FCOS
-number of it was looked at; phase 2 (``PHASE2``) after phase 1's verdicts were known, before any
-run of it. The data and the recipe are those of ``make demo`` (``configs/Shapes/
-dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move a result.
+number of it was looked at; phase 2 (``PHASE2``) after 32 of phase 1's 34 runs and their
+verdicts were known, before any run of it. The data and the recipe are those of ``make demo``
+(``configs/Shapes/dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to
+move a result.
 
 * **Four detectors**, one config each, same backbone (R-18-BN FPN, 64 channels), widths, data,
   schedule and seeds; only the meta-architecture / head options differ:
@@ -12,9 +13,9 @@ dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to move 
   ``fcos`` (detectron2's FCOS: FCOS "with tricks"), ``dsla`` (the authors' R-50 1x head
   options) and ``dsla_tricks`` (the R-101 / Swin-S head options: GIoU, NORM_ON_BBOX, centre
   sampling 1.5, conv bias).
-* **Runs**, phase 1 (``PHASE1``): on ``shapes`` the four detectors x seeds 0, 1, 2 at the recipe's schedule,
-  each detector once more (seed 0) at 1.5x the schedule (lr steps scaled alike, warm-up
-  unchanged) to show convergence; the ablation ladder (hard labels -> core zone -> relaxation;
+* **Runs**, phase 1 (``PHASE1``): on ``shapes`` the four detectors x seeds 0, 1, 2 at the
+  recipe's schedule, each detector once more (seed 0) at 1.5x the schedule (lr steps scaled
+  alike, warm-up unchanged) to show convergence; the ablation ladder (hard labels -> core zone -> relaxation;
   + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded`` the four detectors x
   seeds 0, 1 and each once at 1.5x. Every run's heads get its training set's class count
   (``num_classes_opts``: 4 on ``shapes``, 5 on ``crowded``).
@@ -101,8 +102,9 @@ PHASE1 = (
     ("shapes", LADDER[:3], (0, 1), 1.0),
     ("crowded", MAIN_MODELS, (0,), 1.5),
 )
-# Phase 2 (the comparison at a longer schedule): fixed after phase 1's verdicts were known (1.5x
-# added 2.0-6.1 AP to every detector finished at 1.5x), before any phase-2 run. 3x with its 4.5x
+# Phase 2 (the comparison at a longer schedule): fixed after 32 of phase 1's 34 runs and their
+# verdicts were known (1.5x had added 2.0-6.1 AP to every detector run at it), before any
+# phase-2 run. 3x with its 4.5x
 # check for every detector, the claim-1 pair (plain FCOS, DSLA) first; the targets are then also
 # judged at 3x, beside (not instead of) the 1x verdicts. Not extended further within this plan.
 PHASE2_ORDER = ("fcos_plain", "dsla", "fcos", "dsla_tricks")

@@ -1,4 +1,5 @@
-"""The comparison's plan and verdicts (benchmarks/comparison.py): schedules, targets per schedule."""
+"""The comparison's plan and verdicts (benchmarks/comparison.py): schedules, targets per
+schedule."""
 import pytest
 
 import comparison
@@ -132,13 +133,14 @@ def test_report_counts_each_phase_and_shows_the_3x_verdicts():
               "runs_finished": len(records), "runs_planned": 62, "cost_line": "cost",
               "runs": records, "protocol": {"plan": comparison.PLAN}}
     text = render_markdown(result)
-    assert ("phase 1 (1× and 1.5×): 12 of 34 runs finished, phase 2 (3× and 4.5×): 12 of 28 runs "
-            "finished") in text
+    assert ("phase 1 (1× and 1.5×): 12 of 34 runs finished, "
+            "phase 2 (3× and 4.5×): 12 of 28 runs finished") in text
     done = dict(result, phases={"phase 1": [34, 34], "phase 2": [1, 28]})
     assert "(phase 1: complete, phase 2: 1 of 28 runs finished)" in render_markdown(done)
     at1, at3 = text[:text.index("##### At 3×")], text[text.index("##### At 3×"):]
     assert "| FCOS, plain (the paper's baseline) | 0 | +0.5 |" in at3
-    assert "AP(4.5×) − AP(3×)" in at3 and "| DSLA (R-50 1x head options) | 2 | 73.0 (73.0–73.0) |" in at3
+    assert "AP(4.5×) − AP(3×)" in at3
+    assert "| DSLA (R-50 1x head options) | 2 | 73.0 (73.0–73.0) |" in at3
     assert "| dsla − fcos_plain | seed 0: +3.0, seed 1: +3.0 | 3.0 (3.0–3.0) |" in at3
     assert ("- mean DSLA ≥ mean FCOS-plain + 1.0 AP, DSLA ahead in every seed: **met**" in at3
             and "**missed**" not in at3)
