@@ -16,9 +16,9 @@ move a result.
 * **Runs**, phase 1 (``PHASE1``): on ``shapes`` the four detectors x seeds 0, 1, 2 at the
   recipe's schedule, each detector once more (seed 0) at 1.5x the schedule (lr steps scaled
   alike, warm-up unchanged) to show convergence; the ablation ladder (hard labels -> core
-  zone -> relaxation; + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded`` the four detectors x
-  seeds 0, 1 and each once at 1.5x. Every run's heads get its training set's class count
-  (``num_classes_opts``: 4 on ``shapes``, 5 on ``crowded``).
+  zone -> relaxation; + coupling = ``dsla``) x seeds 0, 1; on the second dataset ``crowded``
+  the four detectors x seeds 0, 1 and each once at 1.5x. Every run's heads get its training
+  set's class count (``num_classes_opts``: 4 on ``shapes``, 5 on ``crowded``).
 * **Runs**, phase 2 (``PHASE2``): phase 1 showed that 1.5x adds 2.0-3.3 AP to every detector on
   ``shapes`` and 3.8-6.1 AP to the two FCOS variants on ``crowded``, so 1x is not converged.
   Per dataset: the four detectors at 3x the schedule, seed 0; then their 4.5x checks (seed 0);
