@@ -43,7 +43,7 @@ Runs are cached per (dataset, model, seed, schedule) under ``<output-dir>/runs/`
 their full config; a re-run only trains what is missing (an interrupted run resumes from its
 last checkpoint), so the table can be completed over several sittings.
 
-    python benchmarks/comparison.py                      # everything (hours on 2 cores)
+    python benchmarks/comparison.py                      # everything (about a day on 2 cores)
     python benchmarks/comparison.py --jobs 2 --threads 1 # two 1-thread runs at a time
     python benchmarks/comparison.py --only shapes        # one dataset
     python benchmarks/comparison.py --status             # what is done, what is missing
