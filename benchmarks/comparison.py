@@ -645,10 +645,19 @@ def schedule_progress(records: List[Dict], plan, dataset: str, schedule: str) ->
     """``[finished, planned]`` runs of the four detectors on ``dataset`` at ``schedule`` and at
     its 1.5x check: what the verdicts at ``schedule`` rest on."""
     factors = {float(schedule[1:]), float(SCHEDULES[schedule][1:])}
-    planned = {(m, s, f) for d, models, seeds, f in plan if d == dataset and f in factors
-               for s in seeds for m in models if m in MAIN_MODELS}
-    done = {(r["model"], r["seed"], r["factor"]) for r in records if r["dataset"] == dataset}
-    return [len(planned & done), len(planned)]
+    planned = {run for run in plan_runs(plan)
+               if run[0] == dataset and run[1] in MAIN_MODELS and run[3] in factors}
+    return [len(planned & plan_runs_of(records)), len(planned)]
+
+
+def plan_runs(plan) -> set:
+    """``{(dataset, model, seed, factor)}`` of every run of ``plan``."""
+    return {(d, m, s, f) for d, models, seeds, f in plan for s in seeds for m in models}
+
+
+def plan_runs_of(records: List[Dict]) -> set:
+    """``{(dataset, model, seed, factor)}`` of finished run records."""
+    return {(r["dataset"], r["model"], r["seed"], r["factor"]) for r in records}
 
 
 def schedule_text(data: Dict, schedule: str, targets: Dict, status: str = "") -> str:
@@ -779,12 +788,9 @@ PHASES = {"phase 1 (1× and 1.5×)": PHASE1, "phase 2 (3× and 4.5×)": PHASE2}
 
 def phase_progress(records: List[Dict], phases=PHASES) -> Dict[str, List[int]]:
     """``{phase: [finished, planned]}`` runs of each phase of the plan."""
-    keys = {(r["dataset"], r["model"], r["seed"], r["factor"]) for r in records}
-    out = {}
-    for name, plan in phases.items():
-        planned = {(d, m, s, f) for d, models, seeds, f in plan for s in seeds for m in models}
-        out[name] = [len(planned & keys), len(planned)]
-    return out
+    done = plan_runs_of(records)
+    return {name: [len(plan_runs(plan) & done), len(plan_runs(plan))]
+            for name, plan in phases.items()}
 
 
 def report(specs: List[Dict], output_dir: str, cpu_s: float, phases=PHASES) -> Dict:
