@@ -41,13 +41,16 @@ move a result.
 
 Runs are cached per (dataset, model, seed, schedule) under ``<output-dir>/runs/`` with the hash of
 their full config; a re-run only trains what is missing (an interrupted run resumes from its
-last checkpoint), so the table can be completed over several sittings.
+last checkpoint), so the table can be completed over several sittings. The cache is not
+committed: on a new machine ``--restore`` re-creates the records of the runs a written report
+holds (config unchanged), so only the missing runs are trained.
 
     python benchmarks/comparison.py                      # everything (about a day on 2 cores)
     python benchmarks/comparison.py --jobs 2 --threads 1 # two 1-thread runs at a time
     python benchmarks/comparison.py --only shapes        # one dataset
     python benchmarks/comparison.py --status             # what is done, what is missing
     python benchmarks/comparison.py --report             # tables from the finished runs only
+    python benchmarks/comparison.py --restore benchmarks/results/comparison.json
 """
 import argparse
 import hashlib
@@ -750,6 +753,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 %% of the schedule, seed 0, the four detectors on "
                         "shapes (use with --output-dir elsewhere)")
+    parser.add_argument("--restore", metavar="REPORT_JSON",
+                        help="re-create the run records of a written comparison.json whose "
+                        "config is unchanged (runs lost with their machine), train none, exit")
     parser.add_argument("--analyse-run", metavar="RUN_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--test-set", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -795,9 +801,7 @@ def phase_progress(records: List[Dict], phases=PHASES) -> Dict[str, List[int]]:
 
 def report(specs: List[Dict], output_dir: str, cpu_s: float, phases=PHASES) -> Dict:
     """Write comparison.{json,md} and comparison_curves.png from the finished runs."""
-    records = [dict(read_record(s), signal=training_signal(s["run_dir"]),
-                    resumed_from_iter=last_attempt_start(s["run_dir"]))
-               for s in specs if is_done(s)]
+    records = [report_record(s) for s in specs if is_done(s)]
     cost = cost_line(records, len(specs), cpu_s)
     summary = summarize(records)
     result = {"machine": machine_info("cpu"), "protocol": {"plan": PLAN, "models": MODELS,
@@ -813,6 +817,42 @@ def report(specs: List[Dict], output_dir: str, cpu_s: float, phases=PHASES) -> D
     return result
 
 
+def report_record(spec: Dict) -> Dict:
+    """The run's record with its training signal and resume point, read from the run's files,
+    or kept from the record where it was restored from a report (its files are elsewhere)."""
+    record = read_record(spec)
+    if "restored_from" in record:
+        return record
+    return dict(record, signal=training_signal(spec["run_dir"]),
+                resumed_from_iter=last_attempt_start(spec["run_dir"]))
+
+
+def restore_records(specs: List[Dict], report_path: str) -> Dict[str, List[str]]:
+    """
+    Re-create the run cache from a written report (``comparison.json``): every run of the report
+    whose config hash is the one planned now and whose run directory holds no record gets its
+    record back, so a fresh clone (or a new machine) completes the table without re-training
+    what the report already holds. Its checkpoints and logs are not restored, so tools that
+    reload the model (``investigate.py``) still need the run itself. Returns the run names
+    ``{"restored", "kept", "stale"}``: written; already recorded here; config changed since.
+    """
+    with open(report_path) as f:
+        records = json.load(f)["runs"]
+    by_run = {(s["dataset"], s["model"], s["seed"], s["factor"]): s for s in specs}
+    out = {"restored": [], "kept": [], "stale": []}
+    for record in records:
+        spec = by_run.get((record["dataset"], record["model"], record["seed"], record["factor"]))
+        name = f"{record['dataset']}/{record['model']}/seed{record['seed']}_x{record['factor']:g}"
+        if spec is None or spec["config_hash"] != record["config_hash"]:
+            out["stale"].append(name)
+        elif os.path.isfile(os.path.join(spec["run_dir"], "benchmark_run.json")):
+            out["kept"].append(name)
+        else:
+            write_record(spec, **dict(record, restored_from=display_path(report_path)))
+            out["restored"].append(name)
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     import dsla  # noqa: F401  (registers the datasets and models)
@@ -824,6 +864,12 @@ def main(argv=None):
         return 0
     runs_dir = os.path.join(args.output_dir, "runs")
     specs = planned_specs(runs_dir, QUICK_PLAN if args.quick else PLAN)
+    if args.restore:
+        done = restore_records(specs, args.restore)
+        for key, names in done.items():
+            log(f"{key}: {len(names)}" + (f" ({', '.join(names)})" if key == "stale" and names
+                                          else ""))
+        return 0
     todo = [s for s in specs if not is_done(s) and (args.only is None or s["dataset"] in args.only)]
     if args.status:
         for s in specs:

@@ -165,3 +165,30 @@ def test_curves_are_drawn_for_every_schedule(tmp_path):
     path = tmp_path / "curves.png"
     comparison.plot_curves(records + [dict(records[0], factor=0.01)], str(path))
     assert path.stat().st_size > 1000
+
+
+def test_restore_recreates_only_unchanged_unrecorded_runs_and_reports_them(tmp_path):
+    # A new machine has no run cache: the committed report must bring back the finished runs
+    # (so they are not trained again), but never over a run recorded here nor for a changed config.
+    runs = str(tmp_path / "runs")
+    specs = [comparison.run_spec("shapes", m, 0, 1.0, runs) for m in ("dsla", "fcos_plain", "fcos")]
+    recorded = dict(_record("fcos_plain", 0, 1.0, 50.0), config_hash=specs[1]["config_hash"],
+                    status="analysed", signal={"num_pos": 3.0}, resumed_from_iter=0, opts=[])
+    comparison.write_record(specs[1], **dict(recorded, bbox={"AP": 1.0}))  # recorded here
+    report = [dict(recorded, model=m, config_hash=s["config_hash"]) for m, s in
+              (("dsla", specs[0]), ("fcos_plain", specs[1]), ("fcos", {"config_hash": "changed"}))]
+    path = tmp_path / "comparison.json"
+    path.write_text(comparison.json.dumps({"runs": report}))
+
+    done = comparison.restore_records(specs, str(path))
+    assert done == {"restored": ["shapes/dsla/seed0_x1"], "kept": ["shapes/fcos_plain/seed0_x1"],
+                    "stale": ["shapes/fcos/seed0_x1"]}
+    assert [comparison.is_done(s) for s in specs] == [True, True, False]
+    assert comparison.read_record(specs[1])["bbox"] == {"AP": 1.0}  # not overwritten
+    # Its signal comes from the record: the run's metrics.json is not on this machine.
+    restored = comparison.report_record(specs[0])
+    assert restored["signal"] == {"num_pos": 3.0} and restored["bbox"]["AP"] == 50.0
+    # A report written from restored runs restores again.
+    path.write_text(comparison.json.dumps({"runs": [restored]}))
+    (tmp_path / "runs" / "shapes" / "dsla" / "seed0_x1" / "benchmark_run.json").unlink()
+    assert comparison.restore_records(specs, str(path))["restored"] == ["shapes/dsla/seed0_x1"]
