@@ -1,6 +1,6 @@
 """Run every benchmark (``make benchmark``), then copy their tables into docs/BENCHMARKS.md.
 
-Order: the DSLA-vs-FCOS comparison first (hours on a 2-core CPU; cached per run, so the same
+Order: the DSLA-vs-FCOS comparison first (about a day on a 2-core CPU; cached per run, so the same
 command completes an interrupted one), then its investigation (the finished runs' NMS clusters,
 per-level recall and positives), so that the speed benchmark can time the trained shapes
 detectors; then speed, then assignment. Each runs in
