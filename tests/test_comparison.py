@@ -113,6 +113,9 @@ def test_convergence_needs_every_detectors_check_at_most_1_ap():
     assert _at_3x(gain_4p5x={"fcos": 1.0})[key] is True  # 1.0 exactly: met
     assert _at_3x(gain_4p5x={"fcos": 1.1})[key] is False  # one detector over
     assert _at_3x(skip=[("dsla_tricks", 4.5)])[key] is None  # one check missing: not measured
+    # ... unless a check that is in already adds more than 1 AP: missed whatever the rest add.
+    assert _at_3x(gain_4p5x={"dsla": 1.8}, skip=[("dsla_tricks", 4.5)])[key] is False
+    assert _at_3x(gain_4p5x={"dsla": 1.0}, skip=[("dsla_tricks", 4.5)])[key] is None
 
 
 def test_a_schedule_without_its_check_is_not_judged_converged():
