@@ -819,6 +819,12 @@ def report(specs: List[Dict], output_dir: str, cpu_s: float, phases=PHASES) -> D
     return result
 
 
+# What a report needs of a run record (summarize, cost_line, report_record).
+RUN_KEYS = ("dataset", "model", "seed", "factor")
+RECORD_KEYS = {"bbox", "curve", "spearman_matched", "nms", "train", "analysis_cost", "signal",
+               "resumed_from_iter"}
+
+
 def report_record(spec: Dict) -> Dict:
     """The run's record with its training signal and resume point, read from the run's files,
     or kept from the record where it was restored from a report (its files are elsewhere)."""
@@ -831,21 +837,25 @@ def report_record(spec: Dict) -> Dict:
 
 def restore_records(specs: List[Dict], report_path: str) -> Dict[str, List[str]]:
     """
-    Re-create the run cache from a written report (``comparison.json``): every run of the report
-    whose config hash is the one planned now and whose run directory holds no record gets its
-    record back, so a fresh clone (or a new machine) completes the table without re-training
-    what the report already holds. Its checkpoints and logs are not restored, so tools that
-    reload the model (``investigate.py``) still need the run itself. Returns the run names
-    ``{"restored", "kept", "stale"}``: written; already recorded here; config changed since.
+    Re-create the run cache from a written report (``comparison.json``): every finished
+    (``analysed``) run of the report whose config hash is the one planned now and whose run
+    directory holds no record gets its record back, so a fresh clone (or a new machine) completes
+    the table without re-training what the report already holds. Its checkpoints and logs are
+    not restored, so tools that reload the model (``investigate.py``) still need the run itself.
+    Returns the run names ``{"restored", "kept", "stale"}``: written; a record (of any config)
+    already here, left untouched; not planned now, config changed since, or not finished.
     """
     with open(report_path) as f:
         records = json.load(f)["runs"]
     by_run = {(s["dataset"], s["model"], s["seed"], s["factor"]): s for s in specs}
     out = {"restored": [], "kept": [], "stale": []}
     for record in records:
-        spec = by_run.get((record["dataset"], record["model"], record["seed"], record["factor"]))
-        name = f"{record['dataset']}/{record['model']}/seed{record['seed']}_x{record['factor']:g}"
-        if spec is None or spec["config_hash"] != record["config_hash"]:
+        key = tuple(record.get(k) for k in RUN_KEYS)
+        spec = by_run.get(key)
+        name = (f"{key[0]}/{key[1]}/seed{key[2]}_x{key[3]:g}" if None not in key
+                else f"a run without {', '.join(RUN_KEYS)}")
+        if (spec is None or spec["config_hash"] != record.get("config_hash")
+                or record.get("status") != "analysed" or not RECORD_KEYS <= set(record)):
             out["stale"].append(name)
         elif os.path.isfile(os.path.join(spec["run_dir"], "benchmark_run.json")):
             out["kept"].append(name)
@@ -867,7 +877,8 @@ def main(argv=None):
     runs_dir = os.path.join(args.output_dir, "runs")
     specs = planned_specs(runs_dir, QUICK_PLAN if args.quick else PLAN)
     if args.restore:
-        done = restore_records(specs, args.restore)
+        done = restore_records([s for s in specs if args.only is None or s["dataset"] in args.only],
+                               args.restore)
         for key, names in done.items():
             log(f"{key}: {len(names)}" + (f" ({', '.join(names)})" if key == "stale" and names
                                           else ""))

@@ -181,7 +181,7 @@ def analysed(spec: Dict, cache_dir: str) -> Dict:
             cached = json.load(f)
         if cached.get("key") == key:
             return cached["statistics"]
-    log(f"analysing {spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}")
+    log(f"analysing {display_run(spec)}")
     stats = run_statistics(per_box_rows(spec))
     stats["zones"] = None if spec["model"] == "fcos" else zone_statistics(zone_rows(spec))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -510,6 +510,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def display_run(spec: Dict) -> str:
+    return f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args.threads)
@@ -520,8 +524,15 @@ def main(argv=None):
     specs = [s for s in comparison.planned_specs(runs_dir, plan)
              if s["dataset"] == args.dataset and s["factor"] == args.factor
              and s["model"] in comparison.MAIN_MODELS and comparison.is_done(s)]
+    # A run restored from a report (comparison.py --restore) has no checkpoint to reload here.
+    restored = [s for s in specs if "restored_from" in comparison.read_record(s)]
+    if restored:
+        log(f"skipped {len(restored)} runs restored from a report, no checkpoint here (train them "
+            f"again to investigate them): " + ", ".join(display_run(s) for s in restored))
+    specs = [s for s in specs if s not in restored]
     if not specs:
-        raise SystemExit(f"No finished {args.dataset} runs at {args.factor:g}x in {runs_dir}.")
+        raise SystemExit(f"No finished {args.dataset} runs at {args.factor:g}x with their "
+                         f"checkpoints in {runs_dir}.")
     cache = os.path.join(args.output_dir, "investigation")
     stats, curves = defaultdict(dict), defaultdict(dict)
     for spec in specs:

@@ -176,17 +176,25 @@ def test_restore_recreates_only_unchanged_unrecorded_runs_and_reports_them(tmp_p
     runs = str(tmp_path / "runs")
     specs = [comparison.run_spec("shapes", m, 0, 1.0, runs) for m in ("dsla", "fcos_plain", "fcos")]
     recorded = dict(_record("fcos_plain", 0, 1.0, 50.0), config_hash=specs[1]["config_hash"],
-                    status="analysed", signal={"num_pos": 3.0}, resumed_from_iter=0, opts=[])
+                    status="analysed", signal={"num_pos": 3.0}, resumed_from_iter=0, opts=[],
+                    train={"cpu_s": 1.0}, analysis_cost={"cpu_s": 1.0})
     comparison.write_record(specs[1], **dict(recorded, bbox={"AP": 1.0}))  # recorded here
     report = [dict(recorded, model=m, config_hash=s["config_hash"]) for m, s in
               (("dsla", specs[0]), ("fcos_plain", specs[1]), ("fcos", {"config_hash": "changed"}))]
+    # Not finished in the report, or missing what a report needs: never restored.
+    specs.append(comparison.run_spec("shapes", "dsla", 1, 1.0, runs))
+    report += [dict(report[0], seed=1, config_hash=specs[3]["config_hash"]),
+               dict(report[2], config_hash=specs[2]["config_hash"], status="trained")]
+    del report[3]["train"]
     path = tmp_path / "comparison.json"
     path.write_text(comparison.json.dumps({"runs": report}))
 
     done = comparison.restore_records(specs, str(path))
     assert done == {"restored": ["shapes/dsla/seed0_x1"], "kept": ["shapes/fcos_plain/seed0_x1"],
-                    "stale": ["shapes/fcos/seed0_x1"]}
-    assert [comparison.is_done(s) for s in specs] == [True, True, False]
+                    "stale": ["shapes/fcos/seed0_x1", "shapes/dsla/seed1_x1",
+                              "shapes/fcos/seed0_x1"]}
+    assert [comparison.is_done(s) for s in specs] == [True, True, False, False]
+    assert not any((tmp_path / "runs" / "shapes" / m).exists() for m in ("fcos", "dsla/seed1_x1"))
     assert comparison.read_record(specs[1])["bbox"] == {"AP": 1.0}  # not overwritten
     # Its signal comes from the record: the run's metrics.json is not on this machine.
     restored = comparison.report_record(specs[0])

@@ -156,3 +156,16 @@ def test_ladder_is_compared_on_the_seeds_its_rungs_share():
     text = ladder_text(ladder)
     assert "| rung 2 − rung 0 | 0, 1 | +2.0, +3.0 | +0.0150, +0.0150 |" in text
     assert ladder_summary(group_runs(records[:6])["shapes"]) is None  # no rung run yet
+
+
+def test_runs_restored_from_a_report_are_skipped_not_reloaded(tmp_path, capsys):
+    # A restored run (comparison.py --restore) has a record but no checkpoint or metrics.json.
+    import comparison
+    import investigate
+
+    spec = comparison.run_spec("shapes", "dsla", 0, 1.0, str(tmp_path / "runs"))
+    comparison.write_record(spec, status="analysed", restored_from="comparison.json")
+    with pytest.raises(SystemExit, match="with their checkpoints"):
+        investigate.main(["--output-dir", str(tmp_path), "--dataset", "shapes"])
+    captured = capsys.readouterr()
+    assert "skipped 1 runs restored from a report" in captured.out + captured.err
