@@ -160,6 +160,15 @@ def test_report_counts_each_phase_and_shows_the_3x_verdicts():
     assert ("Runs whose curve has fewer than 4 evaluations: shapes/fcos_plain/seed0 x1 (3)."
             in render_markdown(result))
     assert "- 1.5× this schedule (1.5× vs 1×) adds ≤ 1 AP (every detector): **missed**" in at1
+    # A check over 1 AP decides convergence for good, even while the verdicts are provisional.
+    over = _two_schedules(gain_4p5x={"dsla": 1.8}, skip=[("dsla_tricks", 4.5)])
+    summary = summarize(over)
+    text = render_markdown(dict(result, summary=summary, targets=check_targets(summary),
+                                runs=over))
+    assert ("(4.5× vs 3×) adds ≤ 1 AP (every detector): **missed** (final: a check already adds "
+            "more than 1 AP)") in text
+    assert "**missed** (final" not in render_markdown(dict(result, protocol={"plan": two_seeds},
+                                                           runs=records))
     assert "| DSLA (R-50 1x head options) | 2 | 59.0 (59.0–59.0) |" in at1 and "73.0" not in at1
 
 
