@@ -61,12 +61,14 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    REPO, RESULTS_DIR, TRAIN_NET, display_path, log, machine_info, thread_env, write_results,
+    REPO, RESULTS_DIR, TRAIN_NET, cpu_model, display_path, log, machine_info, thread_env,
+    write_results,
 )
 
 SHAPES_DIR = os.path.join(REPO, "configs", "Shapes")
@@ -250,7 +252,9 @@ def train_and_analyse(spec: Dict, threads: Optional[int]) -> bool:
         if record is None and os.path.isdir(spec["run_dir"]):
             # Another config trained here before: start over rather than mix checkpoints.
             os.replace(spec["run_dir"], spec["run_dir"] + f".stale-{int(time.time())}")
-        write_record(spec, status="training")
+        # The CPU of every attempt: runs compared with each other may span machines.
+        write_record(spec, status="training",
+                     trained_on=(record or {}).get("trained_on", []) + [cpu_model()])
         log(f"train {label}{' (resume)' if resume else ''}")
         cmd = [sys.executable, TRAIN_NET, "--config-file", spec["config"],
                 *(["--resume"] if resume else []), *spec["opts"], "OUTPUT_DIR", spec["run_dir"]]
@@ -791,7 +795,21 @@ def cost_line(records: List[Dict], planned: int, cpu_s: float) -> str:
         runs = "1 resumed run counts" if len(resumed) == 1 else f"{len(resumed)} resumed runs count"
         line += (f" {runs} only their last attempt's CPU time ({names}), so the total is a lower "
                  f"bound.")
-    return line
+    return line + cpu_models_text(records)
+
+
+def cpu_models_text(records: List[Dict]) -> str:
+    """Which CPU models trained the runs (numerics, e.g. bfloat16 autocast, may differ between
+    them), where recorded; "" if no run recorded one."""
+    counts = Counter(" + ".join(dict.fromkeys(r["trained_on"])) for r in records
+                     if r.get("trained_on"))
+    if not counts:
+        return ""
+    parts = [f"{cpu}: {n} run{'s' * (n != 1)}" for cpu, n in sorted(counts.items())]
+    unknown = sum(1 for r in records if not r.get("trained_on"))
+    if unknown:
+        parts.append(f"not recorded: {unknown} run{'s' * (unknown != 1)}")
+    return f" Trained on: {'; '.join(parts)}."
 
 
 PHASES = {"phase 1 (1× and 1.5×)": PHASE1, "phase 2 (3× and 4.5×)": PHASE2}

@@ -212,3 +212,22 @@ def test_restore_recreates_only_unchanged_unrecorded_runs_and_reports_them(tmp_p
     path.write_text(comparison.json.dumps({"runs": [restored]}))
     (tmp_path / "runs" / "shapes" / "dsla" / "seed0_x1" / "benchmark_run.json").unlink()
     assert comparison.restore_records(specs, str(path))["restored"] == ["shapes/dsla/seed0_x1"]
+
+
+def test_cost_line_says_which_cpus_trained_the_runs():
+    # bfloat16 autocast may round differently on another CPU: runs compared across machines
+    # must say so. Runs from before the field existed are counted as not recorded.
+    runs = [{"trained_on": ["AMD EPYC"]}, {"trained_on": ["AMD EPYC"]},
+            {"trained_on": ["Intel Xeon", "AMD EPYC", "AMD EPYC"]}, {}]
+    assert comparison.cpu_models_text(runs) == (
+        " Trained on: AMD EPYC: 2 runs; Intel Xeon + AMD EPYC: 1 run; not recorded: 1 run.")
+    assert comparison.cpu_models_text([{}, {"trained_on": []}]) == ""
+
+
+def test_every_training_attempt_records_its_cpu(tmp_path, monkeypatch):
+    spec = comparison.run_spec("shapes", "dsla", 0, 1.0, str(tmp_path / "runs"))
+    comparison.write_record(spec, status="failed", trained_on=["Intel Xeon"])
+    monkeypatch.setattr(comparison, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(comparison, "_run_logged", lambda *a: {"returncode": 1})
+    assert comparison.train_and_analyse(spec, threads=1) is False
+    assert comparison.read_record(spec)["trained_on"] == ["Intel Xeon", "AMD EPYC"]
