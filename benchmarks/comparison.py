@@ -763,8 +763,9 @@ def parse_args(argv=None):
                         help="smoke test: 1 %% of the schedule, seed 0, the four detectors on "
                         "shapes (use with --output-dir elsewhere)")
     parser.add_argument("--restore", metavar="REPORT_JSON",
-                        help="re-create the run records of a written comparison.json whose "
-                        "config is unchanged (runs lost with their machine), train none, exit")
+                        help="re-create the records of the finished runs of a written "
+                        "comparison.json whose config is unchanged and that have none here "
+                        "(runs lost with their machine), train none, exit")
     parser.add_argument("--analyse-run", metavar="RUN_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--test-set", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -868,7 +869,7 @@ def restore_records(specs: List[Dict], report_path: str) -> Dict[str, List[str]]
     """
     with open(report_path) as f:
         records = json.load(f)["runs"]
-    by_run = {(s["dataset"], s["model"], s["seed"], s["factor"]): s for s in specs}
+    by_run = {tuple(s[k] for k in RUN_KEYS): s for s in specs}
     out = {"restored": [], "kept": [], "stale": []}
     for record in records:
         key = tuple(record.get(k) for k in RUN_KEYS)
