@@ -240,9 +240,14 @@ def _run_logged(cmd: List[str], log_path: str, threads: Optional[int]) -> Dict:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
+def run_label(spec: Dict) -> str:
+    """``dataset/model/seed<k>_x<f>``: how logs name a run."""
+    return f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
+
+
 def train_and_analyse(spec: Dict, threads: Optional[int]) -> bool:
     """Train (resuming a partial run of the same config), then analyse; True on success."""
-    label = f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
+    label = run_label(spec)
     record = read_record(spec)
     if record is None or record.get("status") not in ("trained", "analysed"):
         # Any checkpoint of this config's partial run: train_net.py --resume picks the newest

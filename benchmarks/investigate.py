@@ -181,7 +181,7 @@ def analysed(spec: Dict, cache_dir: str) -> Dict:
             cached = json.load(f)
         if cached.get("key") == key:
             return cached["statistics"]
-    log(f"analysing {display_run(spec)}")
+    log(f"analysing {comparison.run_label(spec)}")
     stats = run_statistics(per_box_rows(spec))
     stats["zones"] = None if spec["model"] == "fcos" else zone_statistics(zone_rows(spec))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -510,10 +510,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def display_run(spec: Dict) -> str:
-    return f"{spec['dataset']}/{spec['model']}/{os.path.basename(spec['run_dir'])}"
-
-
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args.threads)
@@ -528,7 +524,7 @@ def main(argv=None):
     restored = [s for s in specs if "restored_from" in comparison.read_record(s)]
     if restored:
         log(f"skipped {len(restored)} runs restored from a report, no checkpoint here (train them "
-            f"again to investigate them): " + ", ".join(display_run(s) for s in restored))
+            f"again to investigate them): " + ", ".join(comparison.run_label(s) for s in restored))
     specs = [s for s in specs if s not in restored]
     if not specs:
         raise SystemExit(f"No finished {args.dataset} runs at {args.factor:g}x with their "
