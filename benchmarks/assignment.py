@@ -16,11 +16,19 @@ boxes (sides log-uniform in 4-404 px, clipped to the image) with the default swi
     python benchmarks/assignment.py [--boxes 10 100 1000] [--repeats 5] [--device cuda]
 
 writes ``benchmarks/results/assignment.json`` and ``assignment.md``.
+
+    python benchmarks/assignment.py --rss-check 100
+
+cross-checks the profiler's CPU peak against the operating system: each function runs once in a
+fresh process (glibc's mmap threshold pinned, so freed tensors go back to the OS at once) and the
+process's peak RSS (``VmHWM``, reset just before the call) is compared with its RSS before it.
+It writes nothing; it prints both measures.
 """
 import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,6 +191,46 @@ def render_markdown(result: Dict) -> str:
     return text
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _implementation(name: str) -> Callable:
+    from dsla.assignment import assign_smooth_labels
+
+    return {"vectorised": assign_smooth_labels, "reference": reference_assign_smooth_labels}[name]
+
+
+def rss_increase_mb(name: str, num_boxes: int) -> float:
+    """
+    In this (fresh) process: peak RSS increase of one call of ``name`` over the RSS before it.
+    A warm-up call first, so lazily loaded code and torch's one-time set-up do not count.
+    """
+    fn, args = _implementation(name), (*coco_points("cpu"), *random_boxes(num_boxes, "cpu"))
+    fn(*args, NUM_CLASSES)
+    before = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux proc(5))
+    fn(*args, NUM_CLASSES)
+    return (_proc_status_kb("VmHWM") - before) / 1024
+
+
+def rss_check(num_boxes: int, threads) -> None:
+    """Print each function's RSS increase (fresh process each) beside the profiler's peak."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    threads_args = ["--threads", str(threads)] if threads else []
+    args = (*coco_points("cpu"), *random_boxes(num_boxes, "cpu"), NUM_CLASSES)
+    for name in ("vectorised", "reference"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", name,
+                              str(num_boxes), *threads_args],
+                             env=env, check=True, capture_output=True, text=True).stdout
+        fn = _implementation(name)
+        profiled = peak_cpu_bytes(lambda: fn(*args)) / 2**20
+        log(f"G = {num_boxes}, {name}: peak RSS increase {float(out.split()[-1]):.1f} MB "
+            f"(fresh process), profiler peak {profiled:.1f} MB")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--boxes", type=int, nargs="+", default=[10, 100, 1000])
@@ -191,8 +239,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, i.e. all cores)")
     parser.add_argument("--output-dir", default=RESULTS_DIR)
+    parser.add_argument("--rss-check", type=int, metavar="G",
+                        help="only cross-check the CPU peak memory against peak RSS for G boxes")
+    parser.add_argument("--rss-child", nargs=2, metavar=("NAME", "G"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    if args.rss_child:
+        print(rss_increase_mb(args.rss_child[0], int(args.rss_child[1])))
+        return 0
+    if args.rss_check:
+        rss_check(args.rss_check, args.threads)
+        return 0
     points_info = coco_points(args.device)
     padded = [math.ceil(x / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for x in IMAGE_SIZE]
     machine = machine_info(args.device)

@@ -174,6 +174,11 @@ def main(argv=None):
     import dsla  # noqa: F401  (registers the shapes datasets)
 
     runs = {os.path.basename(os.path.normpath(d)): d for d in args.run_dirs}
+    missing = [results_json_of(d, args.dataset) for d in runs.values()
+               if not os.path.isfile(results_json_of(d, args.dataset))]
+    if missing:  # a wrong or unfinished run directory: the user's input, so one line
+        raise SystemExit(f"error: no detections of {args.dataset} at {', '.join(missing)} "
+                         "(the run's final COCO evaluation writes them)")
     result = analyze_model(args.name, runs, args.output_dir, args.dataset)
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"

@@ -409,3 +409,15 @@ def test_pairwise_smooth_labels_agree_with_assignment():
                                             torch.zeros(40, dtype=torch.long), 3, **options)
         assert torch.equal(q.max(dim=0).values, scores)
     assert pairwise_smooth_labels(points, strides, ranges, boxes[:0]).shape == (0, len(points))
+
+
+def test_benchmark_rss_check_measures_the_call():
+    """benchmarks/assignment.py --rss-check: the loop-and-sort reference, which holds tens of MB
+    of per-box tensors at G = 100, must show a larger RSS increase than the vectorised call."""
+    import assignment as bench  # benchmarks/assignment.py (conftest puts benchmarks/ on the path)
+
+    # Reference first: a peak that is not reset before the second measurement would carry its
+    # tens of MB over into the vectorised number.
+    reference = bench.rss_increase_mb("reference", 100)
+    vectorised = bench.rss_increase_mb("vectorised", 100)
+    assert 0 <= vectorised < 0.5 * reference, (vectorised, reference)

@@ -348,3 +348,16 @@ def test_dsla_constructor_checks_its_arguments():
 
     with pytest.raises(UserError, match="DSLA argument iou_coupling = 'yes'"):
         DSLA(**kwargs)
+
+
+def test_consistency_benchmark_names_a_run_without_detections(tmp_path):
+    """A run directory without its final evaluation's detections: one line naming the file."""
+    import consistency  # benchmarks/consistency.py (conftest puts benchmarks/ on the path)
+
+    with pytest.raises(SystemExit) as err:
+        consistency.main([str(tmp_path / "seed0"), "--name", "dsla",
+                          "--output-dir", str(tmp_path / "out")])
+    message = str(err.value)
+    assert "\n" not in message
+    assert os.path.join("seed0", "inference", "shapes_val", "coco_instances_results.json") in message
+    assert not (tmp_path / "out").exists()  # nothing written for a bad input
