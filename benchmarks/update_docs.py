@@ -18,7 +18,8 @@ DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 README = os.path.join(REPO, "README.md")
 SECTIONS = ("comparison", "investigation_shapes_x1", "investigation_shapes_x1.5",
             "investigation_shapes_x3", "investigation_shapes_x4.5",
-            "investigation_crowded_x1", "investigation_crowded_x1.5", "speed", "assignment")
+            "investigation_crowded_x1", "investigation_crowded_x1.5", "investigation_crowded_x3",
+            "speed", "assignment")
 NOT_RUN = "_Not run yet: run the command above; its table lands here._\n"
 
 
