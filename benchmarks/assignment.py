@@ -19,10 +19,10 @@ writes ``benchmarks/results/assignment.json`` and ``assignment.md``.
 
     python benchmarks/assignment.py --rss-check 100
 
-cross-checks the profiler's CPU peak against the operating system: each function runs once in a
-fresh process (glibc's mmap threshold pinned, so freed tensors go back to the OS at once) and the
-process's peak RSS (``VmHWM``, reset just before the call) is compared with its RSS before it.
-It writes nothing; it prints both measures.
+cross-checks the profiler's CPU peak against the operating system (Linux): each function runs
+in a fresh process (glibc's mmap threshold pinned, so freed tensors go back to the OS at once),
+once to warm up and once measured; the process's peak RSS (``VmHWM``, reset just before the
+measured call) is compared with its RSS before it. It writes nothing; it prints both measures.
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -192,11 +192,13 @@ def render_markdown(result: Dict) -> str:
 
 
 def _proc_status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``: resident now, ``VmHWM``: its peak)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _implementation(name: str) -> Callable:
+    """``assign_smooth_labels`` ("vectorised") or the loop-and-sort "reference"."""
     from dsla.assignment import assign_smooth_labels
 
     return {"vectorised": assign_smooth_labels, "reference": reference_assign_smooth_labels}[name]
@@ -216,19 +218,26 @@ def rss_increase_mb(name: str, num_boxes: int) -> float:
     return (_proc_status_kb("VmHWM") - before) / 1024
 
 
-def rss_check(num_boxes: int, threads) -> None:
-    """Print each function's RSS increase (fresh process each) beside the profiler's peak."""
+def child_rss_increase_mb(name: str, num_boxes: int, threads: Optional[int]) -> float:
+    """:func:`rss_increase_mb` in a fresh process with glibc's mmap threshold pinned at 128 KB."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     threads_args = ["--threads", str(threads)] if threads else []
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", name,
+                            str(num_boxes), *threads_args], env=env, capture_output=True, text=True)
+    if child.returncode != 0:  # a bug: keep the child's traceback
+        raise RuntimeError(f"--rss-child {name} {num_boxes} failed:\n{child.stderr}")
+    return float(child.stdout.split()[-1])
+
+
+def rss_check(num_boxes: int, threads: Optional[int]) -> None:
+    """Print each function's RSS increase (fresh process each) beside the profiler's peak."""
     args = (*coco_points("cpu"), *random_boxes(num_boxes, "cpu"), NUM_CLASSES)
     for name in ("vectorised", "reference"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", name,
-                              str(num_boxes), *threads_args],
-                             env=env, check=True, capture_output=True, text=True).stdout
+        rss = child_rss_increase_mb(name, num_boxes, threads)
         fn = _implementation(name)
         profiled = peak_cpu_bytes(lambda: fn(*args)) / 2**20
-        log(f"G = {num_boxes}, {name}: peak RSS increase {float(out.split()[-1]):.1f} MB "
-            f"(fresh process), profiler peak {profiled:.1f} MB")
+        log(f"G = {num_boxes}, {name}: peak RSS increase {rss:.1f} MB (fresh process), "
+            f"profiler peak {profiled:.1f} MB")
 
 
 def main(argv=None):
@@ -247,7 +256,9 @@ def main(argv=None):
     if args.rss_child:
         print(rss_increase_mb(args.rss_child[0], int(args.rss_child[1])))
         return 0
-    if args.rss_check:
+    if args.rss_check is not None:
+        if args.rss_check < 1 or args.device != "cpu":
+            parser.error("--rss-check needs G >= 1 boxes and --device cpu")
         rss_check(args.rss_check, args.threads)
         return 0
     points_info = coco_points(args.device)

@@ -173,7 +173,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import dsla  # noqa: F401  (registers the shapes datasets)
 
-    runs = {os.path.basename(os.path.normpath(d)): d for d in args.run_dirs}
+    # Label each run by its directory name, or by its path where two names are the same
+    # (shapes/dsla/seed1_x3 and crowded/dsla/seed1_x3) so that no run is dropped.
+    names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
+    runs = {(n if names.count(n) == 1 else os.path.normpath(d)): d
+            for n, d in zip(names, args.run_dirs)}
     missing = [results_json_of(d, args.dataset) for d in runs.values()
                if not os.path.isfile(results_json_of(d, args.dataset))]
     if missing:  # a wrong or unfinished run directory: the user's input, so one line
