@@ -15,6 +15,8 @@ from detectron2.structures import BoxMode
 
 from dsla.data import (
     SHAPES_CLASSES,
+    SHAPES_SPLITS,
+    STYLES,
     check_num_classes,
     generate_shapes_dataset,
     num_classes_of,
@@ -119,6 +121,38 @@ def test_object_sizes_cover_every_fpn_level(sample_split):
     # A box of longer side s has point measures max(l, t, r, b) in [s/2, s].
     for lo, hi in LEVEL_RANGES:
         assert ((sides / 2 < hi) & (sides > lo)).sum() >= 5, (lo, hi)
+
+
+def test_easy_style_is_the_easier_demo_data(tmp_path):
+    """The demo's data (style "easy", docs/BENCHMARKS.md step 6): three classes, 20-192 px boxes
+    on every FPN level, 2-6 objects, solid fills; other images than "demo" from the same seed."""
+    json_file, _ = _generate(tmp_path / "easy", num_images=60, seed=5, image_size=256,
+                             style="easy")
+    with open(json_file) as f:
+        coco = json.load(f)
+    assert [c["name"] for c in coco["categories"]] == list(STYLES["easy"].classes)
+    assert len(coco["categories"]) == 3
+    assert coco["info"]["dsla_shapes"]["style_settings"]["textures"] == ["solid"]
+    sides = np.array([max(a["bbox"][2:]) for a in coco["annotations"]])
+    assert sides.min() >= 20 - 1 and sides.max() <= 0.75 * 256 + 1  # rasterisation: 1 px
+    for lo, hi in LEVEL_RANGES:
+        assert ((sides / 2 < hi) & (sides > lo)).sum() >= 3, (lo, hi)
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]])
+    assert per_image.max() <= 6
+    demo_json, _ = _generate(tmp_path / "demo", num_images=60, seed=5, image_size=256)
+    with open(demo_json) as f:
+        assert json.load(f)["annotations"] != coco["annotations"]
+
+
+def test_demo_config_trains_on_the_easy_splits():
+    from conftest import REPO
+    from dsla.cli import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_demo.yaml"), [])
+    assert cfg.DATASETS.TRAIN == ("shapes_easy_train",)
+    assert cfg.DATASETS.TEST == ("shapes_easy_val",)
+    assert SHAPES_SPLITS["shapes_easy_train"]["style"] == "easy"
+    assert cfg.MODEL.DSLA.NUM_CLASSES == len(STYLES["easy"].classes)
 
 
 def test_forced_empty_fraction(tmp_path):

@@ -1,7 +1,8 @@
 """Datasets for DSLA: the built-in synthetic ``shapes`` splits and user COCO-format datasets.
 
-Importing this package registers ``shapes_train`` and ``shapes_val`` (generated on first use under
-``default_shapes_root()``; see ``shapes.py``).
+Importing this package registers the built-in splits (``shapes_train`` / ``shapes_val``,
+``shapes_crowded_*``, ``shapes_easy_*``; generated on first use under ``default_shapes_root()``;
+see ``shapes.py``).
 """
 from .datasets import (
     check_image_files,
@@ -15,6 +16,7 @@ from .datasets import (
 from .shapes import (
     SHAPES_CLASSES,
     SHAPES_SPLITS,
+    STYLES,
     default_shapes_root,
     generate_shapes_dataset,
     register_shapes_datasets,
@@ -24,6 +26,7 @@ from .shapes import (
 __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_SPLITS",
+    "STYLES",
     "check_image_files",
     "check_num_classes",
     "check_training_data",
