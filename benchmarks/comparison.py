@@ -2,9 +2,10 @@
 
 Phase 1 of the protocol below (``PHASE1``) was fixed and committed before any DSLA-vs-FCOS
 number of it was looked at; phase 2 (``PHASE2``) after 32 of phase 1's 34 runs and their
-verdicts were known, before any run of it. The data and the recipe are those of ``make demo``
-(``configs/Shapes/dsla_R_18_FPN_cpu.yaml``), calibrated on DSLA alone. Do not change them to
-move a result.
+verdicts were known, before any run of it. The data and the recipe are those ``make demo``
+trained until 2026-12-03 (``shapes``, ``configs/Shapes/dsla_R_18_FPN_cpu.yaml``; the demo has
+trained on ``shapes_easy`` since), calibrated on DSLA alone. Do not change them to move a
+result.
 
 * **Four detectors**, one config each, same backbone (R-18-BN FPN, 64 channels), widths, data,
   schedule and seeds; only the meta-architecture / head options differ:

@@ -12,7 +12,7 @@ most (IoU 0 if none; all detections above the model's score threshold are kept, 
     coco_eval/         COCOEvaluator's files (detections in COCO json format)
 
     dsla-analyze-consistency \\
-        --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --dataset shapes_val \\
+        --config-file configs/Shapes/dsla_R_18_FPN_demo.yaml --dataset shapes_easy_val \\
         --output out/consistency MODEL.WEIGHTS output/demo/model_final.pth
 """
 import os

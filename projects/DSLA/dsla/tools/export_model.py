@@ -12,7 +12,7 @@ records the differences and the traced model's interface:
     outputs: (pred_boxes [D, 4] xyxy in input pixels, pred_classes [D], scores [D], image_size [2])
 
     dsla-export \\
-        --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml --output out/export \\
+        --config-file configs/Shapes/dsla_R_18_FPN_demo.yaml --output out/export \\
         MODEL.WEIGHTS output/demo/model_final.pth
 """
 import os

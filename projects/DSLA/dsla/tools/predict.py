@@ -7,8 +7,8 @@ detectron2's Visualizer. Class names come from the checkpoint (training records 
 that cannot be read is skipped with a warning naming it; the others are written, and the exit
 status is 1 if any input was skipped.
 
-    dsla-predict --config-file configs/Shapes/dsla_R_18_FPN_cpu.yaml \\
-        --input "datasets/shapes/val/images/00000*.jpg" --output out/predict \\
+    dsla-predict --config-file configs/Shapes/dsla_R_18_FPN_demo.yaml \\
+        --input "datasets/shapes/easy_val/images/00000*.jpg" --output out/predict \\
         MODEL.WEIGHTS output/demo/model_final.pth
 """
 import glob
