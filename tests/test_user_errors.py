@@ -381,3 +381,22 @@ def test_consistency_benchmark_keeps_runs_with_the_same_directory_name(tmp_path,
     monkeypatch.setattr(consistency, "analyze_model", fake_analyze)
     consistency.main([*map(str, dirs), "--name", "dsla", "--output-dir", str(tmp_path / "out")])
     assert sorted(seen.values()) == sorted(map(str, dirs))
+
+
+def test_resume_from_another_models_checkpoint_is_refused(shapes, finished_run, tmp_path):
+    """An OUTPUT_DIR holding a run of another class count (e.g. an old `make demo` output) is
+    not resumed with a re-initialised head: one line naming the file and both class counts, and
+    the file is left as it was."""
+    run_dir = tmp_path / "other"
+    run_dir.mkdir()
+    saved = torch.load(finished_run / "model_final.pth", map_location="cpu", weights_only=True)
+    for key in [k for k in saved["model"] if "cls_score" in k]:
+        saved["model"][key] = saved["model"][key][:3].clone()  # a 3-class model's head
+    torch.save(saved, run_dir / "model_final.pth")
+    (run_dir / "last_checkpoint").write_text("model_final.pth")
+    before = (run_dir / "model_final.pth").read_bytes()
+    last = _last_line(run(["--resume", *_args(shapes, run_dir, "SOLVER.MAX_ITER", "4",
+                                              "DATASETS.TEST", "()")]))
+    assert str(run_dir / "model_final.pth") in last and "--resume" in last, last
+    assert "The checkpoint has 3 classes, the config's NUM_CLASSES is 4" in last, last
+    assert (run_dir / "model_final.pth").read_bytes() == before

@@ -115,6 +115,24 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def resume_or_load(self, resume=True):
+        """As DefaultTrainer's, but a resumed checkpoint must fit the model exactly: resuming
+        continues the same run, so a checkpoint of another model in OUTPUT_DIR (e.g. another
+        class count) is a user error, not a silently re-initialised head. Fine-tuning from
+        MODEL.WEIGHTS keeps re-initialising what does not fit (with a warning)."""
+        resuming = resume and self.checkpointer.has_checkpoint()
+        self.checkpointer.strict = resuming
+        try:
+            super().resume_or_load(resume=resume)
+        except UserError as e:
+            if not resuming or str(e).startswith("--resume"):
+                raise
+            raise UserError(f"--resume: {e} Resuming continues the run in OUTPUT_DIR "
+                            f"{self.cfg.OUTPUT_DIR}: train into a new OUTPUT_DIR (dsla-demo: "
+                            "--output DIR), or move that folder away.") from None
+        finally:
+            self.checkpointer.strict = False
+
     @classmethod
     def build_train_loader(cls, cfg):
         try:

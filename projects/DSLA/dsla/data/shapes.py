@@ -148,7 +148,7 @@ SHAPES_SPLITS = {
                              "style": "crowded"},
     "shapes_crowded_val": {"split": "crowded_val", "num_images": 150, "seed": 3,
                            "style": "crowded"},
-    # Seeds 0 and 1 again: another style draws other images from the same seed.
+    # Seeds 0 and 1 again: another style's settings draw other images from the same seed.
     "shapes_easy_train": {"split": "easy_train", "num_images": 1000, "seed": 0, "style": "easy"},
     "shapes_easy_val": {"split": "easy_val", "num_images": 150, "seed": 1, "style": "easy"},
 }
