@@ -2,7 +2,8 @@
 
 Importing this package registers, in detectron2's registries: the ``DSLA`` and ``FCOS``
 meta-architectures, the ``build_dsla_resnet_fpn_backbone`` backbone, and the built-in
-datasets (``shapes_easy_*``, ``shapes_*``, ``shapes_crowded_*``). docs/METHOD.md describes the computation.
+datasets (``shapes_easy_*``, ``shapes_*``, ``shapes_crowded_*``). docs/METHOD.md describes the
+computation.
 
 Shape letters, the same in every module and docstring:
 
