@@ -290,3 +290,13 @@ def test_bad_arguments_give_one_line_errors(dataset, weights, tmp_path):
         assert message.startswith("error: ") and "\n" not in message, (argv, message)
         assert expected in message, (argv, message)
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
+
+
+def test_predict_draws_what_the_demo_picture_draws():
+    """dsla-predict's default threshold is make demo's picture threshold, so the same model
+    draws the same detections in both."""
+    from dsla.tools import demo
+
+    args = predict.parse_args(["--config-file", CPU_CONFIG, "--input", "x.jpg", "--output", "o",
+                               "MODEL.WEIGHTS", "w.pth"])
+    assert args.confidence_threshold == demo.parse_args([]).score_threshold == 0.4
