@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from .checkpoint import load_weights
-from .config import add_dsla_config
+from .config import add_dsla_config, head_config_node
 from .data import register_coco_dataset
 from .errors import UserError
 
@@ -243,5 +243,5 @@ def class_names(cfg, checkpoint_names: Optional[Sequence[str]], dataset: Optiona
 
 
 def _model_num_classes(cfg) -> int:
-    node = "FCOS" if cfg.MODEL.META_ARCHITECTURE == "FCOS" else "DSLA"
-    return cfg.MODEL[node].NUM_CLASSES
+    _, node = head_config_node(cfg)
+    return (node or cfg.MODEL.DSLA).NUM_CLASSES

@@ -14,6 +14,21 @@ from .errors import UserError
 _COCO_REGRESS_RANGES = [[0, 64], [64, 128], [128, 256], [256, 512], [512, 100000000]]
 IOU_COUPLING_MODES = ("on", "off", "iou_only")
 BOX_LOSS_TYPES = ("iou", "giou")
+# The config node holding each meta-architecture's head keys (NUM_CLASSES, inference settings):
+# the one place the command line, the tools and the checks look them up.
+HEAD_CONFIG_NODES = {"DSLA": "DSLA", "FCOS": "FCOS", "FCOSPlain": "DSLA"}
+
+
+def head_config_node(cfg):
+    """
+    The head keys of ``cfg``'s meta-architecture.
+
+    Returns:
+        (name, node): e.g. ``("MODEL.DSLA", cfg.MODEL.DSLA)``, or ``(None, None)`` for a
+        meta-architecture of another project.
+    """
+    node = HEAD_CONFIG_NODES.get(cfg.MODEL.META_ARCHITECTURE)
+    return (f"MODEL.{node}", cfg.MODEL[node]) if node else (None, None)
 
 
 def _dense_head_node():

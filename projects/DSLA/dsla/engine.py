@@ -42,6 +42,7 @@ from .cli import (
     register_datasets,
     write_json,
 )
+from .config import head_config_node
 from .cpu_amp import CPUAutocast, uses_cpu_autocast
 from .data import check_num_classes, check_training_data
 from .errors import UserError
@@ -198,9 +199,8 @@ def argument_parser():
 
 
 def _num_classes_key(cfg):
-    arch = cfg.MODEL.META_ARCHITECTURE
-    node = {"DSLA": "DSLA", "FCOS": "FCOS", "FCOSPlain": "DSLA"}.get(arch)
-    return (f"MODEL.{node}.NUM_CLASSES", cfg.MODEL[node].NUM_CLASSES) if node else (None, None)
+    name, node = head_config_node(cfg)
+    return (f"{name}.NUM_CLASSES", node.NUM_CLASSES) if node else (None, None)
 
 
 def _check_datasets(cfg, args) -> None:
