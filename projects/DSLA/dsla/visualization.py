@@ -10,12 +10,19 @@ import torch
 from matplotlib.patches import Rectangle
 
 from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["draw_instances", "image_grid", "predict", "predict_images"]
+__all__ = ["SCORE_THRESHOLD", "LoadedPredictor", "draw_instances", "image_grid", "predict",
+           "predict_images"]
+
+# Detections drawn by default (make demo's picture, dsla-predict): DSLA's IoU-coupled scores run
+# lower than class confidences (docs/BENCHMARKS.md, "Calibration"); 0.4 is where make demo's
+# picture precision and recall are measured, so every picture draws the same detections.
+SCORE_THRESHOLD = 0.4
 
 # Ground truth is drawn under the predictions, one pixel wide (predictions: Visualizer default).
 GT_LINE_WIDTH = 1.0
@@ -23,7 +30,7 @@ GT_COLOR = "white"
 
 
 def draw_instances(image_rgb: np.ndarray, instances: Instances, metadata=None,
-                   score_threshold: float = 0.3, gt_boxes: Optional[torch.Tensor] = None,
+                   score_threshold: float = SCORE_THRESHOLD, gt_boxes: Optional[torch.Tensor] = None,
                    scale: float = 1.0) -> np.ndarray:
     """
     Args:
@@ -69,27 +76,41 @@ def image_grid(images: Sequence[np.ndarray], columns: int = 4, pad: int = 4) -> 
     return grid
 
 
-def predict(cfg, image_paths: List[str]) -> List[Instances]:
+class LoadedPredictor(DefaultPredictor):
+    """detectron2's ``DefaultPredictor`` (test-time resize, input format, one image per call)
+    around a model already built and loaded, strictly, by ``dsla.cli.load_model``:
+    DefaultPredictor's own constructor would build the model again and load it non-strictly."""
+
+    def __init__(self, cfg, model: torch.nn.Module):
+        self.cfg = cfg.clone()
+        self.model = model.eval()
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+
+
+def predict(cfg, model: torch.nn.Module, image_paths: List[str]) -> List[Instances]:
     """
-    Predict on image files with detectron2's ``DefaultPredictor`` (builds the model of ``cfg``,
-    loads ``cfg.MODEL.WEIGHTS``, applies the test-time resize).
+    Predict on image files with ``model`` (built and loaded from ``cfg``), through
+    :class:`LoadedPredictor` (the test-time resize of ``cfg``).
 
     Returns:
         one ``Instances`` per image (CPU), in the image's original coordinates.
     """
-    predictor = DefaultPredictor(cfg)
+    predictor = LoadedPredictor(cfg, model)
     # DefaultPredictor takes BGR and converts to INPUT.FORMAT itself.
     return [predictor(read_image(path, format="BGR"))["instances"].to("cpu")
             for path in image_paths]
 
 
-def predict_images(cfg, image_paths: List[str], dataset_name: Optional[str] = None,
-                   score_threshold: float = 0.3) -> List[np.ndarray]:
+def predict_images(cfg, model: torch.nn.Module, image_paths: List[str],
+                   dataset_name: Optional[str] = None,
+                   score_threshold: float = SCORE_THRESHOLD) -> List[np.ndarray]:
     """
     :func:`predict`, then draw each image's predictions.
 
     Args:
-        cfg: a config with ``MODEL.WEIGHTS`` set.
+        cfg: the config ``model`` was built from.
+        model: the detector, weights loaded (``dsla.cli.load_model``).
         image_paths: files to read.
         dataset_name: for class names (``thing_classes``) if known.
         score_threshold: drawing threshold.
@@ -99,4 +120,4 @@ def predict_images(cfg, image_paths: List[str], dataset_name: Optional[str] = No
     """
     metadata = MetadataCatalog.get(dataset_name) if dataset_name else None
     return [draw_instances(read_image(path, format="RGB"), instances, metadata, score_threshold)
-            for path, instances in zip(image_paths, predict(cfg, image_paths))]
+            for path, instances in zip(image_paths, predict(cfg, model, image_paths))]

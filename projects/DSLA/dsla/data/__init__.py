@@ -1,10 +1,13 @@
 """Datasets for DSLA: the built-in synthetic ``shapes`` splits and user COCO-format datasets.
 
-Importing this package registers the built-in splits (``shapes_train`` / ``shapes_val``,
+Importing this package makes detectron2's image reader scale 16-bit images to 8 bits
+(``images.py``) and registers the built-in splits (``shapes_train`` / ``shapes_val``,
 ``shapes_crowded_*``, ``shapes_easy_*``; generated on first use under ``default_shapes_root()``;
 see ``shapes.py``).
 """
 from .datasets import (
+    bbox_problem,
+    check_coco_json,
     check_image_files,
     check_num_classes,
     check_training_data,
@@ -12,6 +15,13 @@ from .datasets import (
     num_classes_of,
     register_coco_dataset,
     sanitize_dataset_dicts,
+)
+from .images import (
+    check_image_headers,
+    image_problem,
+    install_8bit_conversion,
+    mode_problem,
+    to_8bit,
 )
 from .shapes import (
     SHAPES_CLASSES,
@@ -27,17 +37,25 @@ __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "STYLES",
+    "bbox_problem",
+    "check_coco_json",
     "check_image_files",
+    "check_image_headers",
     "check_num_classes",
     "check_training_data",
     "default_shapes_root",
     "generate_shapes_dataset",
+    "image_problem",
+    "install_8bit_conversion",
     "load_coco_dataset",
+    "mode_problem",
     "num_classes_of",
     "register_coco_dataset",
     "register_shapes_datasets",
     "render_shapes_image",
     "sanitize_dataset_dicts",
+    "to_8bit",
 ]
 
 register_shapes_datasets()
+install_8bit_conversion()

@@ -1,12 +1,17 @@
 """COCO-format datasets for DSLA: registration with validation, box sanitising, class counts.
 
 ``register_coco_dataset`` is detectron2's ``register_coco_instances`` with the checks a new user
-needs: a wrong json path fails at registration, a broken json or a missing image fails at load time
-with the offending path in the message, and boxes the loss cannot use are clipped or dropped by
-``sanitize_dataset_dicts`` (one warning per load that counts them). The built-in ``shapes``
+needs: a wrong json path fails at registration; a broken or malformed json (duplicate image ids,
+boxes that are not numbers) and a missing, empty, undecodable or wrongly sized image fail at load
+time with the offending file in the message; boxes the loss cannot use are clipped or dropped by
+``sanitize_dataset_dicts`` (one warning per process that counts them). The built-in ``shapes``
 datasets (``shapes.py``) load through the same ``load_coco_dataset``.
 """
+import json
 import logging
+import math
+import numbers
+import os
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,10 +21,13 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 from ..errors import UserError
+from .images import check_image_headers
 
 __all__ = [
     "register_coco_dataset",
     "load_coco_dataset",
+    "bbox_problem",
+    "check_coco_json",
     "check_image_files",
     "sanitize_dataset_dicts",
     "num_classes_of",
@@ -32,6 +40,9 @@ logger = logging.getLogger(__name__)
 # Errors that pycocotools / load_coco_json raise on a file that is not valid COCO json (json
 # syntax errors are ValueErrors; a non-dict top level trips an assert; missing keys, KeyError).
 _INVALID_JSON_ERRORS = (ValueError, KeyError, TypeError, AssertionError, IndexError)
+# The loads of this process whose files were checked: (name, json, image root, check_images,
+# json modification time).
+_CHECKED_LOADS = set()
 
 
 def register_coco_dataset(
@@ -76,19 +87,26 @@ def load_coco_dataset(
     """
     Load a COCO json into detectron2 dataset dicts, validate them and sanitise their boxes.
 
+    The checks (``check_coco_json``; with ``check_images``, ``check_image_files`` and
+    ``check_image_headers``) and the sanitising warning run on the first load of a json in a
+    process; later loads (DatasetCatalog runs the loader each time it is asked) only parse and
+    sanitise.
+
     Args:
         name: registered dataset name; its metadata receives ``thing_classes`` and
             ``thing_dataset_id_to_contiguous_id`` (as in ``load_coco_json``).
         json_file: path to the COCO instances json.
         image_root: directory that the json's ``file_name`` entries are relative to.
-        check_images: raise if an image file listed in the json is missing.
+        check_images: raise if an image file listed in the json is missing, empty, not an
+            image, of a pixel mode no reader handles, or not of the json's size.
 
     Returns:
         list[dict]: detectron2 dataset dicts (boxes in ``BoxMode.XYWH_ABS``), sanitised.
 
     Raises:
-        UserError: the json file or (with ``check_images``) an image is missing, or the json
-            cannot be parsed as COCO; the message names the file.
+        UserError: the json file is missing, cannot be parsed as COCO or is malformed
+            (``check_coco_json``), or (with ``check_images``) an image is unusable; the message
+            names the file.
     """
     if not PathManager.isfile(json_file):
         # Registered fine, deleted since: say which dataset points at it.
@@ -101,9 +119,60 @@ def load_coco_dataset(
             f"Dataset '{name}': {json_file} is not a valid COCO json file "
             f"({type(e).__name__}: {e})"
         ) from e
-    if check_images:
-        check_image_files(dicts, json_file)
-    return sanitize_dataset_dicts(dicts, name)
+    # DatasetCatalog calls this loader each time a dataset is asked for (the class count, the
+    # training check, each data loader): check the files and warn on the first load only.
+    key = (name, json_file, image_root, check_images, os.stat(json_file).st_mtime_ns)
+    first_load = key not in _CHECKED_LOADS
+    if first_load:
+        check_coco_json(json_file)
+        if check_images:
+            check_image_files(dicts, json_file)
+            check_image_headers(dicts, json_file)
+    dicts = sanitize_dataset_dicts(dicts, name, warn=first_load)
+    _CHECKED_LOADS.add(key)
+    return dicts
+
+
+def check_coco_json(json_file: str) -> None:
+    """
+    What detectron2's COCO loader takes without a word but trains wrongly on: two images with one
+    id (pycocotools keeps the last, and the annotations of both go to it), and boxes that are not
+    4 finite numbers (strings fail deep inside training; NaN gives NaN losses).
+
+    Reads the json once more (the loader's parse is not exposed): one more parse per process.
+
+    Raises:
+        UserError: naming the json, the image id and both files, or the annotation and its box.
+    """
+    with PathManager.open(json_file) as f:
+        coco = json.load(f)
+    file_of_id = {}
+    for image in coco.get("images", []):
+        image_id, file_name = image.get("id"), image.get("file_name")
+        other = file_of_id.setdefault(image_id, file_name)
+        if other != file_name:
+            raise UserError(
+                f"{json_file}: image id {image_id} is used by two images, {other} and "
+                f"{file_name}: give every image its own id (annotations name their image by id, "
+                "so one image would be dropped and its boxes trained on the other).")
+    for anno in coco.get("annotations", []):
+        problem = bbox_problem(anno.get("bbox", [0, 0, 0, 0]))
+        if problem:
+            raise UserError(f"{json_file}: annotation id {anno.get('id')} (image id "
+                            f"{anno.get('image_id')}) has bbox {json.dumps(anno['bbox'])}: "
+                            f"{problem}")
+
+
+def bbox_problem(bbox) -> Optional[str]:
+    """None if ``bbox`` is 4 finite numbers, else what is wrong with it (for a message)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return "a box must be a list of 4 numbers [x, y, width, height]"
+    if any(isinstance(v, str) for v in bbox):
+        return "its values are strings; write numbers (12.5, not \"12.5\")"
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+               for v in bbox):
+        return "a box must be 4 finite numbers [x, y, width, height]"
+    return None
 
 
 def check_image_files(dataset_dicts: Sequence[Dict], source: str = "the dataset") -> None:
@@ -155,7 +224,8 @@ def _sanitize_box(
     return [cx0, cy0, cx1, cy1], "clipped"
 
 
-def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> List[Dict]:
+def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str,
+                           warn: bool = True) -> List[Dict]:
     """
     Drop boxes the detector cannot learn from and clip the ones that stick out of the image.
 
@@ -167,13 +237,15 @@ def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> 
     Args:
         dataset_dicts: detectron2 dataset dicts (``height``/``width`` per image; boxes in
             ``BoxMode.XYWH_ABS`` or ``BoxMode.XYXY_ABS``).
-        dataset_name: used in the warning.
+        dataset_name: used in the warning and the error.
+        warn: log the warning (a loader that runs again logs it once).
 
     Returns:
         list[dict]: new dicts; unchanged annotations are shared with the input.
 
     Raises:
-        UserError: a box is in another mode (e.g. relative or rotated).
+        UserError: a box is in another mode (e.g. relative or rotated), or is not 4 finite
+            numbers (naming the image file).
     """
     counts = {"ok": 0, "clipped": 0, "degenerate": 0, "outside": 0}
     result = []
@@ -185,6 +257,10 @@ def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> 
             mode = BoxMode(anno["bbox_mode"])
             if mode not in (BoxMode.XYWH_ABS, BoxMode.XYXY_ABS):
                 raise UserError(f"{dataset_name}: unsupported bbox_mode {mode} in {record}")
+            problem = bbox_problem(anno["bbox"])
+            if problem:
+                raise UserError(f"{dataset_name}: a box of image {record.get('file_name')} is "
+                                f"{anno['bbox']!r}: {problem}")
             bbox, status = _sanitize_box(anno["bbox"], mode, width, height)
             counts[status] += 1
             if status == "clipped":
@@ -192,7 +268,8 @@ def sanitize_dataset_dicts(dataset_dicts: Sequence[Dict], dataset_name: str) -> 
             if bbox is not None:
                 annotations.append(anno)
         result.append({**record, "annotations": annotations})
-    _warn_sanitized(dataset_name, counts)
+    if warn:
+        _warn_sanitized(dataset_name, counts)
     return result
 
 

@@ -11,6 +11,8 @@ most (IoU 0 if none; all detections above the model's score threshold are kept, 
     score_vs_iou.png   scatter of score against IoU, with the mean score per IoU bin
     coco_eval/         COCOEvaluator's files (detections in COCO json format)
 
+An existing, non-empty DIR is replaced only with --overwrite.
+
     dsla-analyze-consistency \\
         --config-file configs/Shapes/dsla_R_18_FPN_demo.yaml --dataset shapes_easy_val \\
         --output out/consistency MODEL.WEIGHTS output/demo/model_final.pth
@@ -38,6 +40,7 @@ from dsla.cli import (
     write_json,
 )
 from dsla.errors import UserError
+from dsla.outputs import add_overwrite_argument, check_output_path
 
 IOU_BINS = np.linspace(0.0, 1.0, 11)
 
@@ -45,6 +48,7 @@ IOU_BINS = np.linspace(0.0, 1.0, 11)
 def parse_args(argv=None):
     parser = tool_parser(__doc__, weights="MODEL.WEIGHTS is required",
                          output_help="folder for consistency.json, score_vs_iou.png, coco_eval/")
+    add_overwrite_argument(parser)
     parser.add_argument("--dataset", default=None,
                         help="registered dataset (default: the config's DATASETS.TEST[0])")
     return parser.parse_args(argv)
@@ -105,6 +109,7 @@ def run(args) -> Dict:
         raise UserError("no dataset: pass --dataset NAME (the config has no DATASETS.TEST)")
     if dataset not in DatasetCatalog.list():
         raise UserError(f"unknown dataset '{dataset}' (not registered in DatasetCatalog)")
+    check_output_path(args.output, overwrite=args.overwrite, kind="folder")
     model, _ = load_model(cfg)  # strict: weights that do not fit stop before anything is written
     os.makedirs(args.output, exist_ok=True)
     results, pairs = evaluate(cfg, model, dataset, args.output)

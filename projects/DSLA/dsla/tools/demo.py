@@ -26,7 +26,7 @@ from dsla.analysis import ground_truth_of, instances_from_coco_results, precisio
 from dsla.cli import exit_on_user_error, load_config, tool_parser
 from dsla.engine import argument_parser, main
 from dsla.tools import REPO
-from dsla.visualization import draw_instances, image_grid
+from dsla.visualization import SCORE_THRESHOLD, draw_instances, image_grid
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Shapes", "dsla_R_18_FPN_demo.yaml")
 
@@ -37,10 +37,8 @@ def parse_args(argv=None):
                         help="output folder (checkpoints, logs, metrics, PNG)")
     parser.add_argument("--num-images", type=int, default=8,
                         help="validation images drawn into predictions.png")
-    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences; 0.4 was
-    # chosen on the calibration run of the demo recipe on the first demo data (shapes_val) and
-    # kept, unchanged, for shapes_easy (docs/BENCHMARKS.md, "Calibration").
-    parser.add_argument("--score-threshold", type=float, default=0.4,
+    # The threshold every picture draws at, dsla-predict's default too.
+    parser.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD,
                         help="detections drawn, and counted for precision/recall")
     return parser.parse_args(argv)
 
