@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from detectron2.data import detection_utils
 from detectron2.utils.file_io import PathManager
@@ -93,10 +93,14 @@ def install_8bit_conversion() -> None:
 
 def _oriented_size(image: Image.Image) -> Tuple[int, int]:
     """(width, height) after the EXIF orientation that ``read_image`` applies."""
-    # Pillow's PNG getexif() decodes the whole image when the header holds no eXIf chunk.
+    # Pillow's PNG getexif() decodes the whole image when the header holds no eXIf chunk (an
+    # eXIf chunk after the pixels, which the PNG specification does not allow, goes unseen).
     if image.format == "PNG" and "exif" not in image.info:
         return image.size
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001  read_image ignores unreadable EXIF data the same way
+        orientation = 1
     return image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
 
 
@@ -121,8 +125,8 @@ def image_problem(path: str, expected_wh: Optional[Tuple[int, int]] = None) -> O
         with PathManager.open(path, "rb") as f:
             if not f.read(1):
                 return "is empty (0 bytes): copy the image again, or remove it from the json"
-        return (f"cannot be read as an image ({type(e).__name__}: {e}): replace it, or remove "
-                "it from the json")
+        detail = "not a format PIL reads" if isinstance(e, UnidentifiedImageError) else e
+        return f"cannot be read as an image ({detail}): replace it, or remove it from the json"
     if problem or expected_wh is None or tuple(expected_wh) == size:
         return problem
     return (f"is {size[0]}x{size[1]} (width x height, EXIF orientation applied, as the model "
@@ -139,8 +143,9 @@ def _expected_size(record: Dict) -> Optional[Tuple[int, int]]:
 def check_image_headers(dataset_dicts: Sequence[Dict], source: str = "the dataset") -> None:
     """
     Check every image of a dataset with :func:`image_problem`, ``_HEADER_THREADS`` files at a
-    time. Cost: one file open and header read per image, no decoding (the shapes data: about
-    0.1 ms per image; a network file system costs its latency per file, which the threads overlap).
+    time. Cost: one file open and header read per image, no decoding: under 1 ms per image on a
+    local disk (the shapes data), so about a minute at most for COCO's 118k training images; on a
+    network file system each file costs its latency, which the threads overlap.
 
     Args:
         dataset_dicts: detectron2 dataset dicts (``file_name``; ``width`` / ``height`` if known).
@@ -156,7 +161,7 @@ def check_image_headers(dataset_dicts: Sequence[Dict], source: str = "the datase
     if not bad:
         return
     record, problem = bad[0]
-    more = f" ({len(bad) - 1} more of its {len(dataset_dicts)} images have problems too)" if (
+    more = f" (and problems in {len(bad) - 1} more of its {len(dataset_dicts)} images)" if (
         len(bad) > 1) else ""
     raise UserError(f"{source}: image id {record.get('image_id')} ({record['file_name']}) "
                     f"{problem}{more}")
