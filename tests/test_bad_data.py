@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
-from detectron2.modeling import build_model
 
-from conftest import CPU_CONFIG, tiny_cfg
-from dsla.checkpoint import ClassNames, DSLACheckpointer
+from conftest import CPU_CONFIG
 from dsla.data import register_coco_dataset
 from dsla.data import datasets as datasets_module
 from dsla.errors import UserError
 from dsla.tools import analyze_consistency, demo, predict
 from dsla.visualization import draw_instances, read_image
+from test_user_errors import named_weights  # noqa: F401  (a fixture: a 4-class checkpoint)
 
 W, H = 64, 48
 EXIF_ORIENTATION = 0x0112
@@ -189,12 +188,9 @@ def test_dropped_boxes_warning_once_per_process(tmp_path, load, caplog):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    model = build_model(tiny_cfg())
-    DSLACheckpointer(model, str(folder), class_names=ClassNames(list("abcd"))).save("w")
-    return str(folder / "w.pth")
+@pytest.fixture
+def weights(named_weights):
+    return named_weights
 
 
 def _predict(weights, *argv):

@@ -30,8 +30,8 @@ GT_COLOR = "white"
 
 
 def draw_instances(image_rgb: np.ndarray, instances: Instances, metadata=None,
-                   score_threshold: float = SCORE_THRESHOLD, gt_boxes: Optional[torch.Tensor] = None,
-                   scale: float = 1.0) -> np.ndarray:
+                   score_threshold: float = SCORE_THRESHOLD,
+                   gt_boxes: Optional[torch.Tensor] = None, scale: float = 1.0) -> np.ndarray:
     """
     Args:
         image_rgb: ``[H, W, 3]`` uint8 RGB image.

@@ -121,7 +121,8 @@ def load_coco_dataset(
         ) from e
     # DatasetCatalog calls this loader each time a dataset is asked for (the class count, the
     # training check, each data loader): check the files and warn on the first load only.
-    key = (name, json_file, image_root, check_images, os.stat(json_file).st_mtime_ns)
+    version = os.path.getmtime(json_file) if os.path.exists(json_file) else None  # local only
+    key = (name, json_file, image_root, check_images, version)
     first_load = key not in _CHECKED_LOADS
     if first_load:
         check_coco_json(json_file)
@@ -166,12 +167,12 @@ def check_coco_json(json_file: str) -> None:
 def bbox_problem(bbox) -> Optional[str]:
     """None if ``bbox`` is 4 finite numbers, else what is wrong with it (for a message)."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return "a box must be a list of 4 numbers [x, y, width, height]"
+        return "a box must be a list of 4 numbers (COCO: [x, y, width, height])"
     if any(isinstance(v, str) for v in bbox):
         return "its values are strings; write numbers (12.5, not \"12.5\")"
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                for v in bbox):
-        return "a box must be 4 finite numbers [x, y, width, height]"
+        return "a box must be 4 finite numbers (COCO: [x, y, width, height])"
     return None
 
 

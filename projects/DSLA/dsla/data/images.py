@@ -43,7 +43,7 @@ _detectron2_convert = detection_utils.convert_PIL_to_numpy
 
 
 def mode_problem(mode: str) -> Optional[str]:
-    """None if images of PIL mode ``mode`` are read correctly, else what is wrong (for a message)."""
+    """None if images of PIL mode ``mode`` are read correctly, else what is wrong (a message)."""
     if mode in SIXTEEN_BIT_MODES or mode in CONVERTIBLE_MODES:
         return None
     return (f"has pixel mode {mode}, which cannot be read as an 8-bit image: save it as 8-bit RGB "
