@@ -1,8 +1,8 @@
 """Datasets for DSLA: the built-in synthetic ``shapes`` splits and user COCO-format datasets.
 
-Importing this package registers the built-in splits (``shapes_train`` / ``shapes_val``,
-``shapes_crowded_*``, ``shapes_easy_*``; generated on first use under ``default_shapes_root()``;
-see ``shapes.py``).
+Importing this package registers the built-in splits (``shapes_easy_*``, ``shapes_train`` /
+``shapes_val``, ``shapes_crowded_*``: the styles ``easy``, ``standard`` and ``crowded``;
+generated on first use under ``default_shapes_root()``; see ``shapes.py``).
 """
 from .datasets import (
     check_image_files,
@@ -14,7 +14,6 @@ from .datasets import (
     sanitize_dataset_dicts,
 )
 from .shapes import (
-    SHAPES_CLASSES,
     SHAPES_SPLITS,
     STYLES,
     default_shapes_root,
@@ -24,7 +23,6 @@ from .shapes import (
 )
 
 __all__ = [
-    "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "STYLES",
     "check_image_files",
