@@ -224,7 +224,7 @@ def test_fcos_baseline_takes_smallest_box(storage):
     # FCOS counts every positive the same: the smaller box (B, class 1) wins, not the better q.
     boxes = [[[0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 100.0, 100.0]]]
     batch = make_inputs(boxes, [[0, 1]])
-    fcos = _model("MODEL.META_ARCHITECTURE", "FCOS")
+    fcos = _model("MODEL.META_ARCHITECTURE", "FCOSDetectron2")
     strides = (8, 16, 32, 64, 128)
     anchors = fcos.anchor_generator([torch.zeros(1, 1, 128 // s, 128 // s) for s in strides])
     centres = torch.cat([a.get_centers() for a in anchors])
