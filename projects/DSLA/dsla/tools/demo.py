@@ -37,9 +37,8 @@ def parse_args(argv=None):
                         help="output folder (checkpoints, logs, metrics, PNG)")
     parser.add_argument("--num-images", type=int, default=8,
                         help="validation images drawn into predictions.png")
-    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences; 0.4 was
-    # chosen on the calibration run of the demo recipe on the first demo data (shapes_val) and
-    # kept, unchanged, for shapes_easy (docs/BENCHMARKS.md, "Calibration").
+    # DSLA scores are IoU-coupled quality scores, lower than plain class confidences, hence 0.4
+    # (docs/BENCHMARKS.md, "Calibration", gives the measurements).
     parser.add_argument("--score-threshold", type=float, default=0.4,
                         help="detections drawn, and counted for precision/recall")
     return parser.parse_args(argv)
