@@ -22,7 +22,6 @@ from dsla.meta_arch import DSLA
 
 SHAPES = os.path.join(REPO, "configs", "Shapes")
 PLAIN = os.path.join(SHAPES, "fcos_plain_R_18_FPN_cpu.yaml")
-FCOS = os.path.join(SHAPES, "fcos_R_18_FPN_cpu.yaml")
 
 
 def _build(config_file, *opts):

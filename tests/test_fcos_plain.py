@@ -1,6 +1,7 @@
-"""The plain-FCOS baseline (dsla/baselines/fcos_plain.py): losses with empty / one-box ground truth, every
-normaliser, weight and the centerness weighting pinned by hand-computed numbers, the centerness
-branch on the classification tower, score = cls x centerness, and its configs training."""
+"""The plain-FCOS baseline (dsla/baselines/fcos_plain.py): losses with empty / one-box ground
+truth, every normaliser, weight and the centerness weighting pinned by hand-computed numbers, the
+centerness branch on the classification tower, score = cls x centerness, and its configs
+training."""
 import math
 import os
 import subprocess

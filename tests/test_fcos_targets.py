@@ -1,7 +1,7 @@
-"""FCOS labelling (dsla/fcos_targets.py), every rule on hand-computed cases: strict inside test,
-closed range test, smallest box (ties to the lower index), a point outside every box, an empty
-image, a box on two levels, the centerness target, centre sampling; and detectron2's FCOS
-baseline labelling with it."""
+"""FCOS labelling (dsla/baselines/fcos_targets.py), every rule on hand-computed cases: strict
+inside test, closed range test, smallest box (ties to the lower index), a point outside every box,
+an empty image, a box on two levels, the centerness target, centre sampling; and detectron2's
+FCOS baseline labelling with it."""
 import math
 
 import pytest
