@@ -19,6 +19,7 @@ from dsla.data import SHAPES_SPLITS, STYLES, generate_shapes_dataset
 from dsla.errors import UserError
 from dsla.head import DSLAHead
 from dsla.meta_arch import DSLA
+from dsla.point_detector import PointDetector
 
 SHAPES = os.path.join(REPO, "configs", "Shapes")
 PLAIN = os.path.join(SHAPES, "fcos_plain_R_18_FPN_cpu.yaml")
@@ -74,7 +75,10 @@ def test_nodes_hold_exactly_the_settings_of_their_tables():
                                         (FCOSPlain, dsla_config.FCOS_PLAIN_SETTINGS),
                                         (DSLAHead, dsla_config.DSLA_HEAD_SETTINGS)])
 def test_constructor_defaults_are_the_config_defaults(cls, table):
-    params = inspect.signature(cls.__init__).parameters
+    # The arguments of the class and of the bases it passes ``kwargs`` on to.
+    params = {}
+    for c in reversed([c for c in cls.__mro__ if c in (cls, PointDetector)]):
+        params.update(inspect.signature(c.__init__).parameters)
     expected = {**defaults(table), **GENERAL_DEFAULTS}
     for name, p in params.items():
         if p.default is not inspect.Parameter.empty and name in expected:

@@ -66,7 +66,7 @@ DSLA_HEAD_SETTINGS = TOWER_SETTINGS + (
     Setting("conv_bias", "CONV_BIAS", False),
 )
 
-# Positive points and box loss of DSLA and plain FCOS.
+# Positive points and loss weights of DSLA and plain FCOS.
 POINT_LOSS_SETTINGS = (
     # Centre-sampling radius R in strides (docs/METHOD.md, "Inside test"); 0 disables it
     # (positives = points inside the box).
@@ -80,8 +80,8 @@ POINT_LOSS_SETTINGS = (
     Setting("box_loss_weight", "BOX_LOSS_WEIGHT", 1.0),
 )
 
-# DSLA's constructor arguments (its head: DSLA_HEAD_SETTINGS).
-DSLA_SETTINGS = POINT_SETTINGS + POINT_LOSS_SETTINGS + (
+# What DSLA adds to the points: smooth labels, IoU coupling, QFL.
+DSLA_METHOD_SETTINGS = (
     # Smooth labels (docs/METHOD.md, "Smooth label"): q = centerness * scale score. False gives
     # FCOS-style hard labels (q* = 1 on every positive point); the ablation ladder's first rung.
     Setting("smooth_label", "SMOOTH_LABEL", True),
@@ -97,6 +97,8 @@ DSLA_SETTINGS = POINT_SETTINGS + POINT_LOSS_SETTINGS + (
     # Quality Focal Loss exponent beta (docs/METHOD.md, "Losses").
     Setting("qfl_beta", "QFL_BETA", 2.0),
 )
+# DSLA's constructor arguments (its head: DSLA_HEAD_SETTINGS).
+DSLA_SETTINGS = POINT_SETTINGS + POINT_LOSS_SETTINGS + DSLA_METHOD_SETTINGS
 
 # Sigmoid focal loss of both FCOS baselines.
 FOCAL_LOSS_SETTINGS = (
@@ -284,15 +286,17 @@ _RULES = {
 }
 
 
-def validate_arguments(args, in_feature_strides, names=None, detector="DSLA"):
+def validate_arguments(args, in_feature_strides=None, names=None, detector="DSLA"):
     """
-    Check a detector's settings, whether they come from a config or from Python: features,
-    ranges, and every argument of ``args`` that has a rule.
+    Check a detector's settings, whether they come from a config or from Python: every
+    argument of ``args`` that has a rule, and the features and ranges if ``args`` has
+    ``head_in_features``.
 
     Args:
-        args (dict): constructor arguments by name (e.g. the keys of :data:`DSLA_ARGUMENT_KEYS`),
-            with at least ``head_in_features``, ``num_classes`` and ``regress_ranges``.
-        in_feature_strides (dict[str, int]): stride of every backbone output feature.
+        args (dict): constructor arguments by name (e.g. the keys of :data:`DSLA_ARGUMENT_KEYS`);
+            others are ignored.
+        in_feature_strides (dict[str, int]): stride of every backbone output feature (needed
+            with ``head_in_features``).
         names (dict[str, str] or None): how to name each argument in an error (e.g.
             :data:`DSLA_ARGUMENT_KEYS` for config keys); None names the constructor argument.
         detector (str): the class named with a constructor argument.
@@ -303,11 +307,12 @@ def validate_arguments(args, in_feature_strides, names=None, detector="DSLA"):
     def check(arg, ok, why):
         _check(ok, names[arg] if names else f"{detector} argument {arg}", args[arg], why)
 
-    features = args["head_in_features"]
-    missing = [f for f in features if f not in in_feature_strides]
-    check("head_in_features", len(features) >= 1 and not missing,
-          f"backbone has no feature(s) {missing}; it outputs {sorted(in_feature_strides)}")
-    _check_regress_ranges(args["regress_ranges"], len(features), check)
+    if "head_in_features" in args:
+        features = args["head_in_features"]
+        missing = [f for f in features if f not in in_feature_strides]
+        check("head_in_features", len(features) >= 1 and not missing,
+              f"backbone has no feature(s) {missing}; it outputs {sorted(in_feature_strides)}")
+        _check_regress_ranges(args["regress_ranges"], len(features), check)
     for arg, (test, why) in _RULES.items():
         if arg in args:
             check(arg, test(args[arg]), why)

@@ -17,7 +17,7 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import assign_smooth_labels, level_point_info
-from .config import DSLA_SETTINGS, GENERAL_DEFAULTS, defaults, validate_arguments
+from .config import DSLA_METHOD_SETTINGS, defaults, validate_arguments
 from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
 from .point_detector import PointDetector, point_detector_arguments
 from .points import grid_anchors, grid_sizes
@@ -25,8 +25,8 @@ from .points import grid_anchors, grid_sizes
 __all__ = ["DSLA"]
 
 
-# Defaults of the constructor's optional arguments: the config's (dsla.config.DSLA_SETTINGS).
-_DEFAULTS = {**defaults(DSLA_SETTINGS), **GENERAL_DEFAULTS}
+# Defaults of the constructor's optional arguments: the config's (dsla.config.DSLA_METHOD_SETTINGS).
+_DEFAULTS = defaults(DSLA_METHOD_SETTINGS)
 
 
 @META_ARCH_REGISTRY.register()
@@ -40,64 +40,37 @@ class DSLA(PointDetector):
     def __init__(
         self,
         *,
-        backbone,
-        head,
-        head_in_features,
-        num_classes,
-        regress_ranges,
         smooth_label=_DEFAULTS["smooth_label"],
         relaxation_factor=_DEFAULTS["relaxation_factor"],
         core_zone=_DEFAULTS["core_zone"],
-        center_sampling_radius=_DEFAULTS["center_sampling_radius"],
         iou_coupling=_DEFAULTS["iou_coupling"],
         qfl_beta=_DEFAULTS["qfl_beta"],
-        cls_loss_weight=_DEFAULTS["cls_loss_weight"],
-        box_loss_type=_DEFAULTS["box_loss_type"],
-        box_loss_weight=_DEFAULTS["box_loss_weight"],
-        test_score_thresh=_DEFAULTS["test_score_thresh"],
-        test_topk_candidates=_DEFAULTS["test_topk_candidates"],
-        test_nms_thresh=_DEFAULTS["test_nms_thresh"],
-        max_detections_per_image=_DEFAULTS["max_detections_per_image"],
-        pixel_mean,
-        pixel_std,
-        input_format=_DEFAULTS["input_format"],
+        **kwargs,
     ):
         """
         Args:
-            backbone, head, head_in_features, num_classes, regress_ranges, pixel_mean,
-            pixel_std, test_score_thresh, test_topk_candidates, test_nms_thresh,
-            max_detections_per_image, input_format: as in :class:`PointDetector`; ``head``
-                returns (logits, distances in pixels).
             smooth_label: False turns q* into 1 on positive points (hard labels, ablation).
-            relaxation_factor, core_zone, center_sampling_radius: assignment switches
-                (docs/METHOD.md, "Smooth label assignment").
+            relaxation_factor, core_zone: assignment switches (docs/METHOD.md, "Smooth label
+                assignment"; the third, ``center_sampling_radius``, is in ``kwargs``).
             iou_coupling: "on" (y = IoU * q*), "off" (y = q*) or "iou_only" (y = IoU)
                 (docs/METHOD.md, "IoU coupling").
-            qfl_beta, cls_loss_weight, box_loss_type, box_loss_weight: losses
-                (docs/METHOD.md, "Losses").
+            qfl_beta: Quality Focal Loss exponent (docs/METHOD.md, "Losses").
+            kwargs: arguments of :class:`PointDetector` (backbone, head, head_in_features,
+                num_classes, regress_ranges, center_sampling_radius, loss weights and box
+                loss, inference settings, pixel_mean, pixel_std, input_format); ``head``
+                returns (logits, distances in pixels).
 
         Raises:
             UserError: for a setting out of its range, naming the argument (the config path
                 checks the same settings first, naming the config key).
         """
-        validate_arguments(
-            dict(locals()), {k: v.stride for k, v in backbone.output_shape().items()})
-        super().__init__(
-            backbone=backbone, head=head, head_in_features=head_in_features,
-            num_classes=num_classes, regress_ranges=regress_ranges,
-            test_score_thresh=test_score_thresh, test_topk_candidates=test_topk_candidates,
-            test_nms_thresh=test_nms_thresh, max_detections_per_image=max_detections_per_image,
-            pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
-        )
+        validate_arguments(dict(locals()), detector="DSLA")
+        super().__init__(**kwargs)
         self.smooth_label = smooth_label
         self.relaxation_factor = relaxation_factor
         self.core_zone = core_zone
-        self.center_sampling_radius = center_sampling_radius
         self.iou_coupling = iou_coupling
         self.qfl_beta = qfl_beta
-        self.cls_loss_weight = cls_loss_weight
-        self.box_loss_type = box_loss_type
-        self.box_loss_weight = box_loss_weight
 
     @classmethod
     def from_config(cls, cfg):

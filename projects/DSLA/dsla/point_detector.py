@@ -13,11 +13,25 @@ from detectron2.modeling.box_regression import Box2BoxTransformLinear
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances
 
-from .config import HEAD_CONFIG_NODES, detector_arguments, head_arguments, validate_config
+from .config import (
+    GENERAL_DEFAULTS,
+    HEAD_CONFIG_NODES,
+    POINT_LOSS_SETTINGS,
+    POINT_SETTINGS,
+    defaults,
+    detector_arguments,
+    head_arguments,
+    validate_arguments,
+    validate_config,
+)
 from .head import DSLAHead
 from .points import point_generator
 
 __all__ = ["PointDetector", "point_detector_arguments"]
+
+# Defaults of the constructor's optional arguments: the config's (dsla.config.POINT_SETTINGS,
+# POINT_LOSS_SETTINGS).
+_DEFAULTS = {**defaults(POINT_SETTINGS + POINT_LOSS_SETTINGS), **GENERAL_DEFAULTS}
 
 
 def point_detector_arguments(cfg, arch: str, **head_options):
@@ -47,9 +61,10 @@ def point_detector_arguments(cfg, arch: str, **head_options):
 
 class PointDetector(DenseDetector):
     """
-    What DSLA and plain FCOS share: points, regress ranges, box decoding and inference. A
-    subclass implements ``forward_training`` and ``forward_inference`` (which turns its head's
-    outputs into per-class scores and calls :meth:`inference_single_image`).
+    What DSLA and plain FCOS share: points, regress ranges, centre sampling, loss weights and
+    box loss type, box decoding and inference. A subclass implements ``forward_training`` and
+    ``forward_inference`` (which turns its head's outputs into per-class scores and calls
+    :meth:`inference_single_image`).
     """
 
     def __init__(
@@ -60,13 +75,17 @@ class PointDetector(DenseDetector):
         head_in_features,
         num_classes,
         regress_ranges,
-        test_score_thresh,
-        test_topk_candidates,
-        test_nms_thresh,
-        max_detections_per_image,
+        center_sampling_radius=_DEFAULTS["center_sampling_radius"],
+        cls_loss_weight=_DEFAULTS["cls_loss_weight"],
+        box_loss_type=_DEFAULTS["box_loss_type"],
+        box_loss_weight=_DEFAULTS["box_loss_weight"],
+        test_score_thresh=_DEFAULTS["test_score_thresh"],
+        test_topk_candidates=_DEFAULTS["test_topk_candidates"],
+        test_nms_thresh=_DEFAULTS["test_nms_thresh"],
+        max_detections_per_image=_DEFAULTS["max_detections_per_image"],
         pixel_mean,
         pixel_std,
-        input_format,
+        input_format=_DEFAULTS["input_format"],
     ):
         """
         Args:
@@ -74,10 +93,21 @@ class PointDetector(DenseDetector):
                 :class:`DenseDetector`; ``head`` returns (logits, distances in pixels, ...).
             num_classes: C.
             regress_ranges: one (lo, hi) per head input feature (docs/METHOD.md, "Points").
+            center_sampling_radius: R in strides (docs/METHOD.md, "Inside test"); 0 turns
+                centre sampling off.
+            cls_loss_weight, box_loss_weight: weights of the two losses.
+            box_loss_type: "iou" (-log IoU) or "giou" (1 - GIoU).
             test_score_thresh, test_topk_candidates, test_nms_thresh,
             max_detections_per_image: inference (docs/METHOD.md, "Inference").
             input_format: channel order of input images, used for visualisation.
+
+        Raises:
+            UserError: for a setting out of its range, naming the argument (the config path
+                checks the same settings first, naming the config key).
         """
+        validate_arguments(dict(locals()),
+                           {k: v.stride for k, v in backbone.output_shape().items()},
+                           detector=type(self).__name__)
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
@@ -86,6 +116,10 @@ class PointDetector(DenseDetector):
             [backbone.output_shape()[f].stride for f in self.head_in_features])
         self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
         self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.center_sampling_radius = center_sampling_radius
+        self.cls_loss_weight = cls_loss_weight
+        self.box_loss_type = box_loss_type
+        self.box_loss_weight = box_loss_weight
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh

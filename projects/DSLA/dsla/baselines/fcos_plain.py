@@ -35,15 +35,15 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..assignment import level_point_info
-from ..config import FCOS_PLAIN_SETTINGS, GENERAL_DEFAULTS, defaults, validate_arguments
+from ..config import FOCAL_LOSS_SETTINGS, defaults
 from ..losses import all_reduce_mean, box_iou_loss
 from ..point_detector import PointDetector, point_detector_arguments
 from .fcos_targets import fcos_targets
 
 __all__ = ["FCOSPlain", "focal_loss_sum"]
 
-# Defaults of the constructor's optional arguments: the config's (FCOS_PLAIN_SETTINGS).
-_DEFAULTS = {**defaults(FCOS_PLAIN_SETTINGS), **GENERAL_DEFAULTS}
+# Defaults of the constructor's optional arguments: the config's (FOCAL_LOSS_SETTINGS).
+_DEFAULTS = defaults(FOCAL_LOSS_SETTINGS)
 
 
 @META_ARCH_REGISTRY.register()
@@ -57,54 +57,21 @@ class FCOSPlain(PointDetector):
     def __init__(
         self,
         *,
-        backbone,
-        head,
-        head_in_features,
-        num_classes,
-        regress_ranges,
-        center_sampling_radius=_DEFAULTS["center_sampling_radius"],
         focal_loss_alpha=_DEFAULTS["focal_loss_alpha"],
         focal_loss_gamma=_DEFAULTS["focal_loss_gamma"],
-        cls_loss_weight=_DEFAULTS["cls_loss_weight"],
-        box_loss_type=_DEFAULTS["box_loss_type"],
-        box_loss_weight=_DEFAULTS["box_loss_weight"],
-        test_score_thresh=_DEFAULTS["test_score_thresh"],
-        test_topk_candidates=_DEFAULTS["test_topk_candidates"],
-        test_nms_thresh=_DEFAULTS["test_nms_thresh"],
-        max_detections_per_image=_DEFAULTS["max_detections_per_image"],
-        pixel_mean,
-        pixel_std,
-        input_format=_DEFAULTS["input_format"],
+        **kwargs,
     ):
         """
         Args:
-            backbone, head, head_in_features, num_classes, regress_ranges, pixel_mean,
-            pixel_std, test_score_thresh, test_topk_candidates, test_nms_thresh,
-            max_detections_per_image, input_format: as in :class:`PointDetector`; ``head``
-                returns (logits, distances in pixels, centerness logits).
-            center_sampling_radius: R in strides; 0 turns centre sampling off.
             focal_loss_alpha, focal_loss_gamma: sigmoid focal loss parameters.
-            cls_loss_weight, box_loss_type, box_loss_weight: losses.
-
-        Raises:
-            UserError: for a setting out of its range, naming the argument.
+            kwargs: arguments of :class:`PointDetector` (backbone, head, head_in_features,
+                num_classes, regress_ranges, center_sampling_radius, loss weights and box
+                loss, inference settings, pixel_mean, pixel_std, input_format); ``head``
+                returns (logits, distances in pixels, centerness logits).
         """
-        validate_arguments(dict(locals()),
-                           {k: v.stride for k, v in backbone.output_shape().items()},
-                           detector="FCOSPlain")
-        super().__init__(
-            backbone=backbone, head=head, head_in_features=head_in_features,
-            num_classes=num_classes, regress_ranges=regress_ranges,
-            test_score_thresh=test_score_thresh, test_topk_candidates=test_topk_candidates,
-            test_nms_thresh=test_nms_thresh, max_detections_per_image=max_detections_per_image,
-            pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
-        )
-        self.center_sampling_radius = center_sampling_radius
+        super().__init__(**kwargs)
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
-        self.cls_loss_weight = cls_loss_weight
-        self.box_loss_type = box_loss_type
-        self.box_loss_weight = box_loss_weight
 
     @classmethod
     def from_config(cls, cfg):
