@@ -100,9 +100,11 @@ DSLA_METHOD_SETTINGS = (
 # DSLA's constructor arguments (its head: DSLA_HEAD_SETTINGS).
 DSLA_SETTINGS = POINT_SETTINGS + POINT_LOSS_SETTINGS + DSLA_METHOD_SETTINGS
 
-# Sigmoid focal loss of both FCOS baselines.
+# Sigmoid focal loss of both FCOS baselines (Lin et al., ICCV 2017).
 FOCAL_LOSS_SETTINGS = (
+    # Weight alpha of the positive terms (1 - alpha for the negative ones).
     Setting("focal_loss_alpha", "FOCAL_LOSS_ALPHA", 0.25),
+    # Focusing exponent gamma.
     Setting("focal_loss_gamma", "FOCAL_LOSS_GAMMA", 2.0),
 )
 

@@ -524,7 +524,8 @@ def generate_shapes_dataset(
         seed: random seed of the split.
         image_size: side of the square images in pixels.
         empty_fraction: fraction of images without objects (rounded to a whole count).
-        style: a key of ``STYLES`` (the dataset's statistics; recorded in the json with them).
+        style: a key of ``STYLES`` (the dataset's statistics; recorded in the json with them,
+            under the style's identifier in files).
 
     Returns:
         (json_file, image_root) of the split.
