@@ -14,7 +14,6 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
 from dsla.data import (
-    SHAPES_CLASSES,
     SHAPES_SPLITS,
     STYLES,
     check_num_classes,
@@ -27,6 +26,8 @@ from dsla.data import (
 from dsla.data import datasets as datasets_module
 from dsla.errors import UserError
 
+# The classes of the default style, "standard".
+STANDARD_CLASSES = STYLES["standard"].classes
 # FPN regress ranges of the CPU config (strides 8..128).
 LEVEL_RANGES = [(0, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)]
 
@@ -99,11 +100,11 @@ def test_generated_json_loads_with_pycocotools_and_detectron2(sample_split):
 
     json_file, image_root = sample_split
     coco = COCO(json_file)
-    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(SHAPES_CLASSES)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(STANDARD_CLASSES)
     assert len(coco.getImgIds()) == 60
     dicts = load_coco_json(json_file, image_root)
     labels = {a["category_id"] for d in dicts for a in d["annotations"]}
-    assert labels == set(range(1, len(SHAPES_CLASSES) + 1))
+    assert labels == set(range(1, len(STANDARD_CLASSES) + 1))
     for d in dicts:
         assert os.path.isfile(d["file_name"])
         assert Image.open(d["file_name"]).size == (d["width"], d["height"]) == (256, 256)
@@ -116,15 +117,15 @@ def test_generated_json_loads_with_pycocotools_and_detectron2(sample_split):
 def test_object_sizes_cover_every_fpn_level(sample_split):
     with open(sample_split[0]) as f:
         sides = np.array([max(a["bbox"][2:]) for a in json.load(f)["annotations"]])
-    # Demo style: longer sides from 16 px (P3) to 0.8 x 256 px (P7).
+    # Standard style: longer sides from 16 px (P3) to 0.8 x 256 px (P7).
     assert sides.min() < 24 and sides.max() > 160
     # A box of longer side s has point measures max(l, t, r, b) in [s/2, s].
     for lo, hi in LEVEL_RANGES:
         assert ((sides / 2 < hi) & (sides > lo)).sum() >= 5, (lo, hi)
 
 
-def test_easy_style_is_the_easier_demo_data(tmp_path):
-    """The demo's data (style "easy", docs/BENCHMARKS.md step 6): three classes, 20-192 px boxes
+def test_easy_style_is_the_demo_data(tmp_path):
+    """The demo's data (style "easy"): three classes, 20-192 px boxes
     on every FPN level, 2-6 objects per non-empty image (fewer where there is no room), solid
     fills, no lines over objects."""
     json_file, _ = _generate(tmp_path / "easy", num_images=60, seed=5, image_size=256,
@@ -204,11 +205,11 @@ def test_shapes_registration_is_lazy(tmp_path, dataset_names):
     dataset_names.append("shapes_test_tiny")
     assert os.listdir(tmp_path) == []
     meta = MetadataCatalog.get("shapes_test_tiny")
-    assert meta.thing_classes == list(SHAPES_CLASSES)
+    assert meta.thing_classes == list(STANDARD_CLASSES)
     assert meta.json_file == str(tmp_path / "tiny" / "annotations.json")
     dicts = DatasetCatalog.get("shapes_test_tiny")
     assert len(dicts) == 5 and os.path.isfile(meta.json_file)
-    assert num_classes_of("shapes_test_tiny") == len(SHAPES_CLASSES)
+    assert num_classes_of("shapes_test_tiny") == len(STANDARD_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The plain-FCOS baseline (dsla/fcos_plain.py): losses with empty / one-box ground truth, every
-normaliser, weight and the centerness weighting pinned by hand-computed numbers, the centerness
-branch on the classification tower, score = cls x centerness, and its configs training."""
+"""The plain-FCOS baseline (dsla/baselines/fcos_plain.py): losses with empty / one-box ground
+truth, every normaliser, weight and the centerness weighting pinned by hand-computed numbers, the
+centerness branch on the classification tower, score = cls x centerness, and its configs
+training."""
 import math
 import os
 import subprocess
@@ -14,11 +15,12 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone import Backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
-import dsla.fcos_plain as fcos_plain
+import dsla.baselines.fcos_plain as fcos_plain
 from conftest import REPO, make_inputs, tiny_cfg
 from dsla.data import generate_shapes_dataset
-from dsla.fcos_plain import FCOSPlain
+from dsla.baselines import FCOSPlain
 from dsla.meta_arch import DSLA
+from dsla.point_detector import PointDetector
 
 PLAIN = os.path.join(REPO, "configs", "Shapes", "fcos_plain_R_18_FPN_cpu.yaml")
 TRICKS = os.path.join(REPO, "configs", "Shapes", "dsla_tricks_R_18_FPN_cpu.yaml")
@@ -35,7 +37,9 @@ def _model(*opts, config_file=PLAIN):
 
 def test_config_builds_plain_fcos():
     model = _model()
-    assert type(model) is FCOSPlain and isinstance(model, DSLA)
+    # A sibling of DSLA, not a subclass.
+    assert type(model) is FCOSPlain and isinstance(model, PointDetector)
+    assert not isinstance(model, DSLA)
     assert model.center_sampling_radius == 0.0 and model.box_loss_type == "iou"
     assert model.cls_loss_weight == 1.0 and not model.head.norm_on_bbox
     assert (model.focal_loss_alpha, model.focal_loss_gamma) == (0.25, 2.0)
@@ -168,7 +172,7 @@ def test_losses_float32_under_autocast(storage):
 
 @pytest.mark.parametrize("ctr_prob", [0.4, 0.9])
 def test_score_is_cls_times_centerness(ctr_prob):
-    model = _model("MODEL.DSLA.SCORE_THRESH_TEST", 0.0)
+    model = _model("MODEL.FCOS_PLAIN.SCORE_THRESH_TEST", 0.0)
     model.eval()
     # Every class probability 0.5, every centerness probability ctr_prob, every distance
     # e^6 = 403 px: the boxes clip to the whole image and NMS keeps one per class.

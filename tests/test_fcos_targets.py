@@ -1,7 +1,7 @@
-"""FCOS labelling (dsla/fcos_targets.py), every rule on hand-computed cases: strict inside test,
-closed range test, smallest box (ties to the lower index), a point outside every box, an empty
-image, a box on two levels, the centerness target, centre sampling; and detectron2's FCOS
-baseline labelling with it."""
+"""FCOS labelling (dsla/baselines/fcos_targets.py), every rule on hand-computed cases: strict
+inside test, closed range test, smallest box (ties to the lower index), a point outside every box,
+an empty image, a box on two levels, the centerness target, centre sampling; and detectron2's
+FCOS baseline labelling with it."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import make_inputs, tiny_cfg
-from dsla.fcos_targets import centerness_targets, fcos_match_quality, fcos_targets
+from dsla.baselines.fcos_targets import centerness_targets, fcos_match_quality, fcos_targets
 
 NUM_CLASSES = 3
 BACKGROUND = NUM_CLASSES
@@ -204,10 +204,11 @@ def _reference_choice(level, p, boxes, radius):
 
 
 def test_detectron2_fcos_baseline_samples_centres_with_its_ranges():
-    # detectron2's FCOS (dsla/fcos.py) with points at ((j + 0.5) s, (i + 0.5) s) and COCO-like
-    # ranges: box [0, 0, 100, 100] on P3 (range [0, 64]): x = 36, 44, 52, 60 have m <= 64, but
-    # only 44, 52, 60 lie within 1.5 x 8 = 12 px of the centre 50 -> 3 x 3 positives.
-    cfg = tiny_cfg("MODEL.META_ARCHITECTURE", "FCOS", "MODEL.FCOS.REGRESS_RANGES",
+    # detectron2's FCOS (dsla/baselines/fcos_detectron2.py) with points at ((j + 0.5) s,
+    # (i + 0.5) s) and COCO-like ranges: box [0, 0, 100, 100] on P3 (range [0, 64]): x = 36, 44,
+    # 52, 60 have m <= 64, but only 44, 52, 60 lie within 1.5 x 8 = 12 px of the centre 50 ->
+    # 3 x 3 positives.
+    cfg = tiny_cfg("MODEL.META_ARCHITECTURE", "FCOSDetectron2", "MODEL.FCOS.REGRESS_RANGES",
                    [[0, 64], [64, 128], [128, 256], [256, 512], [512, 1e8]])
     fcos = build_model(cfg)
     anchors = fcos.anchor_generator([torch.zeros(1, 1, 128 // s, 128 // s)

@@ -2,6 +2,7 @@
 truth, every option, training on a fixed batch, inference, crowded and positive-less images,
 config validation. Hand-computed losses and detections are in test_model_by_hand.py."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from conftest import make_inputs, tiny_cfg
+from conftest import REPO, make_inputs, tiny_cfg
 from dsla.errors import UserError
 from dsla.meta_arch import DSLA
 
@@ -224,7 +225,9 @@ def test_fcos_baseline_takes_smallest_box(storage):
     # FCOS counts every positive the same: the smaller box (B, class 1) wins, not the better q.
     boxes = [[[0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 100.0, 100.0]]]
     batch = make_inputs(boxes, [[0, 1]])
-    fcos = _model("MODEL.META_ARCHITECTURE", "FCOS")
+    torch.manual_seed(0)
+    fcos = build_model(tiny_cfg(config_file=os.path.join(REPO, "configs", "Shapes",
+                                                         "fcos_R_18_FPN_cpu.yaml"))).train()
     strides = (8, 16, 32, 64, 128)
     anchors = fcos.anchor_generator([torch.zeros(1, 1, 128 // s, 128 // s) for s in strides])
     centres = torch.cat([a.get_centers() for a in anchors])

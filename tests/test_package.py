@@ -13,7 +13,7 @@ def test_import_registers_everything_without_warnings():
         "import dsla\n"
         "from detectron2.modeling import META_ARCH_REGISTRY, BACKBONE_REGISTRY\n"
         "from detectron2.data import DatasetCatalog\n"
-        "assert 'DSLA' in META_ARCH_REGISTRY and 'FCOS' in META_ARCH_REGISTRY\n"
+        "assert all(n in META_ARCH_REGISTRY for n in ('DSLA', 'FCOSPlain', 'FCOSDetectron2'))\n"
         "assert 'build_dsla_resnet_fpn_backbone' in BACKBONE_REGISTRY\n"
         "assert {'shapes_train', 'shapes_val'} <= set(DatasetCatalog.list())\n"
         "print(dsla.__file__)\n"

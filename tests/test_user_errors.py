@@ -21,7 +21,7 @@ from detectron2.modeling import build_model
 from conftest import CPU_CONFIG, REPO, tiny_cfg
 from dsla.checkpoint import ClassNames, DSLACheckpointer
 from dsla.cli import class_names, load_config, write_json
-from dsla.data import SHAPES_CLASSES, generate_shapes_dataset, register_coco_dataset
+from dsla.data import STYLES, generate_shapes_dataset, register_coco_dataset
 from dsla.errors import UserError
 from dsla.tools import analyze_consistency, export_model, predict, visualize_assignment
 from test_workflow import SMALL, _write_coco, run
@@ -180,7 +180,7 @@ def finished_run(shapes, tmp_path_factory):
 
 def test_training_checkpoints_record_class_names(finished_run):
     saved = torch.load(finished_run / "model_final.pth", map_location="cpu", weights_only=True)
-    assert saved["class_names"]["thing_classes"] == list(SHAPES_CLASSES)
+    assert saved["class_names"]["thing_classes"] == list(STYLES["standard"].classes)
 
 
 def test_second_fresh_run_is_refused(shapes, finished_run):
@@ -268,7 +268,7 @@ def test_class_names_come_from_the_checkpoint(named_weights):
     names = DSLACheckpointer(model).load(named_weights)["class_names"]["thing_classes"]
     assert class_names(cfg, names) == list("abcd")
     # No names in the checkpoint: the test set's, only when they are NUM_CLASSES many.
-    assert class_names(cfg, None) == list(SHAPES_CLASSES)
+    assert class_names(cfg, None) == list(STYLES["standard"].classes)
     assert class_names(load_config(CPU_CONFIG, ["MODEL.DSLA.NUM_CLASSES", "2"]), None) is None
 
 

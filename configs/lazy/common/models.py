@@ -2,15 +2,16 @@
 The DSLA model of the authors' R-50 1x recipe (Su et al., Pattern Recognition 2022; docs/METHOD.md,
 "Released recipes") as a LazyConfig ``model``: caffe-style ResNet-50 with frozen BN and stem+res2
 frozen, the FPN with P3-P7 (P6 from the P5 output), the DSLA head (2 towers of 4 conv+GN+ReLU, no
-centerness), and DSLA's defaults for assignment, losses and inference. The same network as
-configs/COCO-Detection/dsla_R_50_FPN_1x.yaml (yacs, the reference); every argument is listed so
-that ``key=value`` overrides can reach it.
+centerness), and DSLA's defaults for assignment, losses and inference (``dsla.config``, the
+same defaults as the yacs keys). The same network as configs/COCO-Detection/dsla_R_50_FPN_1x.yaml
+(yacs, the reference); every argument is listed so that ``key=value`` overrides can reach it.
 """
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
 from dsla import DSLA, DSLAHead
 from dsla.backbone import make_dsla_resnet, make_p3_p7_fpn
+from dsla.config import DSLA_HEAD_SETTINGS, DSLA_SETTINGS, GENERAL_DEFAULTS, defaults
 
 # The head runs on P3-P7; its input shapes follow the FPN's width.
 _STRIDES = (8, 16, 32, 64, 128)
@@ -32,32 +33,13 @@ model = L(DSLA)(
         input_shape=[L(ShapeSpec)(channels="${....backbone.out_channels}", stride=s)
                      for s in _STRIDES],
         num_classes="${..num_classes}",
-        num_convs=4,
-        norm="GN",
-        prior_prob=0.01,
-        norm_on_bbox=False,
-        dcn_on_last_conv=False,
-        conv_bias=False,
+        **defaults(DSLA_HEAD_SETTINGS),
     ),
-    head_in_features=["p3", "p4", "p5", "p6", "p7"],
-    num_classes=80,
-    regress_ranges=[[0, 64], [64, 128], [128, 256], [256, 512], [512, 100000000]],
-    smooth_label=True,
-    relaxation_factor=0.2,
-    core_zone=True,
-    center_sampling_radius=0.0,
-    iou_coupling="on",
-    qfl_beta=2.0,
-    # The authors' R-50 1x run weighted the classification loss by 2 (their training log).
-    cls_loss_weight=2.0,
-    box_loss_type="iou",
-    box_loss_weight=1.0,
-    test_score_thresh=0.05,
-    test_topk_candidates=1000,
-    test_nms_thresh=0.6,
-    max_detections_per_image=100,
+    **defaults(DSLA_SETTINGS),
+    **GENERAL_DEFAULTS,
     # detectron2's MSRA ImageNet weights: BGR, caffe mean, std absorbed into conv1.
     pixel_mean=[102.9801, 115.9465, 122.7717],
     pixel_std=[1.0, 1.0, 1.0],
-    input_format="BGR",
 )
+# The authors' R-50 1x run weighted the classification loss by 2 (their training log).
+model.cls_loss_weight = 2.0

@@ -1,9 +1,9 @@
 """DSLA (Dynamic Smooth Label Assignment) for detectron2.
 
-Importing this package registers, in detectron2's registries: the ``DSLA`` and ``FCOS``
-meta-architectures, the ``build_dsla_resnet_fpn_backbone`` backbone, and the built-in
-datasets (``shapes_easy_*``, ``shapes_*``, ``shapes_crowded_*``). docs/METHOD.md describes the
-computation.
+Importing this package registers, in detectron2's registries: the ``DSLA`` meta-architecture
+and its baselines ``FCOSPlain`` and ``FCOSDetectron2`` (``dsla.baselines``), the
+``build_dsla_resnet_fpn_backbone`` backbone, and the built-in datasets (``shapes_easy_*``,
+``shapes_*``, ``shapes_crowded_*``). docs/METHOD.md describes the computation.
 
 Shape letters, the same in every module and docstring:
 
@@ -27,11 +27,11 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from . import data  # noqa: E402,F401  (registers the built-in datasets)
 from .backbone import build_dsla_resnet_fpn_backbone  # noqa: E402
-from .config import add_dsla_config
-from .fcos import FCOS
-from .fcos_plain import FCOSPlain  # noqa: F401  (registers the plain-FCOS baseline)
-from .head import DSLAHead
-from .meta_arch import DSLA
+from .baselines import FCOSDetectron2, FCOSPlain  # noqa: E402
+from .config import add_dsla_config  # noqa: E402
+from .head import DSLAHead  # noqa: E402
+from .meta_arch import DSLA  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["add_dsla_config", "build_dsla_resnet_fpn_backbone", "DSLA", "DSLAHead", "FCOS"]
+__all__ = ["add_dsla_config", "build_dsla_resnet_fpn_backbone", "DSLA", "DSLAHead",
+           "FCOSDetectron2", "FCOSPlain"]

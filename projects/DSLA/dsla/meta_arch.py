@@ -10,25 +10,27 @@ from typing import List
 import torch
 
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.box_regression import Box2BoxTransformLinear
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import assign_smooth_labels, level_point_info
-from .config import dsla_arguments_from_config, validate_dsla_arguments, validate_dsla_config
-from .head import DSLAHead
+from .config import DSLA_METHOD_SETTINGS, defaults, validate_arguments
 from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
-from .points import grid_anchors, grid_sizes, point_generator
+from .point_detector import PointDetector, point_detector_arguments
+from .points import grid_anchors, grid_sizes
 
 __all__ = ["DSLA"]
 
 
+# Defaults of the constructor's optional arguments: the config's (dsla.config.DSLA_METHOD_SETTINGS).
+_DEFAULTS = defaults(DSLA_METHOD_SETTINGS)
+
+
 @META_ARCH_REGISTRY.register()
-class DSLA(DenseDetector):
+class DSLA(PointDetector):
     """
     DSLA (Su et al., Pattern Recognition 2022): an FCOS-like detector without centerness whose
     classification target is the smooth label q* coupled with the predicted box's IoU.
@@ -38,91 +40,41 @@ class DSLA(DenseDetector):
     def __init__(
         self,
         *,
-        backbone,
-        head,
-        head_in_features,
-        num_classes,
-        regress_ranges,
-        smooth_label=True,
-        relaxation_factor=0.2,
-        core_zone=True,
-        center_sampling_radius=0.0,
-        iou_coupling="on",
-        qfl_beta=2.0,
-        cls_loss_weight=1.0,
-        box_loss_type="iou",
-        box_loss_weight=1.0,
-        test_score_thresh=0.05,
-        test_topk_candidates=1000,
-        test_nms_thresh=0.6,
-        max_detections_per_image=100,
-        pixel_mean,
-        pixel_std,
-        input_format="BGR",
+        smooth_label=_DEFAULTS["smooth_label"],
+        relaxation_factor=_DEFAULTS["relaxation_factor"],
+        core_zone=_DEFAULTS["core_zone"],
+        iou_coupling=_DEFAULTS["iou_coupling"],
+        qfl_beta=_DEFAULTS["qfl_beta"],
+        **kwargs,
     ):
         """
         Args:
-            backbone, head, head_in_features, pixel_mean, pixel_std: as in
-                :class:`DenseDetector`; ``head`` returns (logits, distances in pixels).
-            num_classes: C.
-            regress_ranges: one (lo, hi) per head input feature (docs/METHOD.md, "Points").
             smooth_label: False turns q* into 1 on positive points (hard labels, ablation).
-            relaxation_factor, core_zone, center_sampling_radius: assignment switches
-                (docs/METHOD.md, "Smooth label assignment").
+            relaxation_factor, core_zone: assignment switches (docs/METHOD.md, "Smooth label
+                assignment"; the third, ``center_sampling_radius``, is in ``kwargs``).
             iou_coupling: "on" (y = IoU * q*), "off" (y = q*) or "iou_only" (y = IoU)
                 (docs/METHOD.md, "IoU coupling").
-            qfl_beta, cls_loss_weight, box_loss_type, box_loss_weight: losses
-                (docs/METHOD.md, "Losses").
-            test_score_thresh, test_topk_candidates, test_nms_thresh,
-            max_detections_per_image: inference (docs/METHOD.md, "Inference").
-            input_format: channel order of input images, used for visualisation.
+            qfl_beta: Quality Focal Loss exponent (docs/METHOD.md, "Losses").
+            kwargs: arguments of :class:`PointDetector` (backbone, head, head_in_features,
+                num_classes, regress_ranges, center_sampling_radius, loss weights and box
+                loss, inference settings, pixel_mean, pixel_std, input_format); ``head``
+                returns (logits, distances in pixels).
 
         Raises:
             UserError: for a setting out of its range, naming the argument (the config path
                 checks the same settings first, naming the config key).
         """
-        settings = dict(locals())
-        validate_dsla_arguments(
-            settings, {k: v.stride for k, v in backbone.output_shape().items()})
-        super().__init__(
-            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
-        )
-        self.num_classes = num_classes
-        self.anchor_generator = point_generator(
-            [backbone.output_shape()[f].stride for f in self.head_in_features])
-        self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
-        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        validate_arguments(dict(locals()), detector="DSLA")
+        super().__init__(**kwargs)
         self.smooth_label = smooth_label
         self.relaxation_factor = relaxation_factor
         self.core_zone = core_zone
-        self.center_sampling_radius = center_sampling_radius
         self.iou_coupling = iou_coupling
         self.qfl_beta = qfl_beta
-        self.cls_loss_weight = cls_loss_weight
-        self.box_loss_type = box_loss_type
-        self.box_loss_weight = box_loss_weight
-        self.test_score_thresh = test_score_thresh
-        self.test_topk_candidates = test_topk_candidates
-        self.test_nms_thresh = test_nms_thresh
-        self.max_detections_per_image = max_detections_per_image
-        self.input_format = input_format
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        validate_dsla_config(cfg, {k: v.stride for k, v in shapes.items()})
-        return {
-            "backbone": backbone,
-            "head": cls.build_head(cfg, [shapes[f] for f in cfg.MODEL.DSLA.IN_FEATURES]),
-            **dsla_arguments_from_config(cfg),
-            "input_format": cfg.INPUT.FORMAT,
-        }
-
-    @classmethod
-    def build_head(cls, cfg, input_shape):
-        """The head of :meth:`from_config` (a hook for subclasses that add branches)."""
-        return DSLAHead(cfg, input_shape)
+        return point_detector_arguments(cfg, "DSLA")
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_dists = self._transpose_dense_predictions(
@@ -272,62 +224,3 @@ class DSLA(DenseDetector):
             dists = [x[img_idx] for x in pred_dists]
             results.append(self.inference_single_image(anchors, scores, dists, image_size))
         return results
-
-    def inference_single_image(self, anchors, scores, dists, image_size):
-        """
-        The detections of one image, selected as the authors' code does (docs/METHOD.md,
-        "Inference"): per level the ``test_topk_candidates`` points with the highest best-class
-        score, their boxes clipped to the image; then every (point, class) entry of those points
-        above ``test_score_thresh``, class-aware NMS, the ``max_detections_per_image`` best.
-
-        Args:
-            anchors: L Boxes ``[Pi, 4]`` whose centres are the points.
-            scores: L tensors ``[Pi, C]``, the per-class score of every point (DSLA: sigmoid of
-                the logits; any detector's final per-class score works, e.g. cls x centerness).
-            dists: L tensors ``[Pi, 4]``, distances (l, t, r, b) in pixels.
-            image_size: (H, W) of the resized image, before padding.
-
-        Returns:
-            Instances with D <= ``max_detections_per_image`` detections (``pred_boxes``,
-            ``scores``, ``pred_classes``), best first, in the coordinates of the resized image.
-        """
-        boxes, point_scores = [], []
-        for level_anchors, level_scores, level_dists in zip(anchors, scores, dists):
-            keep = self._top_points(level_scores)
-            boxes.append(self.box2box_transform.apply_deltas(
-                level_dists[keep], level_anchors.tensor[keep]))
-            point_scores.append(level_scores[keep])
-        pred_boxes = Boxes(cat(boxes))
-        pred_boxes.clip(image_size)
-        return self._select_detections(pred_boxes, cat(point_scores), image_size)
-
-    def _top_points(self, scores):
-        """
-        Args:
-            scores: ``[Pi, C]`` per-class scores of one level's points.
-
-        Returns:
-            long ``[min(test_topk_candidates, Pi)]``: the points with the highest best-class
-            score. The authors rank points, not (point, class) pairs as detectron2 does: on a
-            crowded level the two keep different candidates.
-        """
-        num_kept = min(self.test_topk_candidates, scores.shape[0])
-        return scores.max(dim=1).values.topk(num_kept).indices
-
-    def _select_detections(self, boxes, scores, image_size):
-        """
-        Args:
-            boxes: Boxes ``[M, 4]``, the kept points of all levels (clipped).
-            scores: ``[M, C]`` their per-class scores.
-            image_size: (H, W).
-
-        Returns:
-            Instances: every (point, class) entry above the score threshold, after class-aware
-            NMS, at most ``max_detections_per_image``, best first.
-        """
-        point_idx, classes = torch.nonzero(scores > self.test_score_thresh, as_tuple=True)
-        candidate_boxes, candidate_scores = boxes.tensor[point_idx], scores[point_idx, classes]
-        keep = batched_nms(candidate_boxes, candidate_scores, classes, self.test_nms_thresh)
-        keep = keep[: self.max_detections_per_image]
-        return Instances(image_size, pred_boxes=Boxes(candidate_boxes[keep]),
-                         scores=candidate_scores[keep], pred_classes=classes[keep])

@@ -1,9 +1,9 @@
 """Datasets for DSLA: the built-in synthetic ``shapes`` splits and user COCO-format datasets.
 
 Importing this package makes detectron2's image reader scale 16-bit images to 8 bits
-(``images.py``) and registers the built-in splits (``shapes_train`` / ``shapes_val``,
-``shapes_crowded_*``, ``shapes_easy_*``; generated on first use under ``default_shapes_root()``;
-see ``shapes.py``).
+(``images.py``) and registers the built-in splits (``shapes_easy_*``, ``shapes_train`` /
+``shapes_val``, ``shapes_crowded_*``: the styles ``easy``, ``standard`` and ``crowded``;
+generated on first use under ``default_shapes_root()``; see ``shapes.py``).
 """
 from .datasets import (
     bbox_problem,
@@ -24,7 +24,6 @@ from .images import (
     to_8bit,
 )
 from .shapes import (
-    SHAPES_CLASSES,
     SHAPES_SPLITS,
     STYLES,
     default_shapes_root,
@@ -34,7 +33,6 @@ from .shapes import (
 )
 
 __all__ = [
-    "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "STYLES",
     "bbox_problem",

@@ -1,55 +1,29 @@
 """Built-in synthetic detection datasets ("shapes"), generated once to disk in COCO format.
 
 Three *styles* of the same generator are registered (``STYLES``); all draw filled shapes on a
-cluttered background in square 256 px images, and differ in their statistics:
+background of low-frequency blotches in square 256 px JPEG images with Gaussian noise (1000
+training and 150 validation images per style, 7 % of them holding clutter only), and differ in
+their statistics:
 
-``easy`` (``shapes_easy_train`` / ``shapes_easy_val``, what ``make demo`` trains on since
-2026-12-03) is ``demo`` made easier so that the demo's recipe converges inside its budget: the same
-recipe on ``demo`` reached 69 AP in 2400 iterations but still gained 3.2 AP with 1.5x the
-iterations, and no variant of the recipe on those data converged sooner. Decided in one step,
-before it was trained, and measured with DSLA alone (docs/BENCHMARKS.md, "Calibration", step 6):
-three classes (circle, square, triangle: one class fewer to tell apart), solid fills only (no
-gradient), longer sides from 20 px (not 16: more pixels on the smallest shapes, whose boxes are
-the hardest to place to a high IoU) to 0.75 x the image, 2-6 objects, at most 20 % of a box
-covered, lighter clutter (0-1 blobs or bars, 0-2 thin lines and none over the objects, noise
-sigma 1-3): every change makes the task easier, none was tried alone. It keeps what makes the
-data useful for comparing label assignments: objects on every FPN level (a 20-32 px box still
-has points on P3), overlaps, 7 % empty images, unannotated clutter. Result: 77.2 AP in 2400
-iterations, 79.0 with 1.5x the iterations (+1.8; the calibration pair: 77.4 -> 78.4).
+``easy`` (``shapes_easy_train`` / ``shapes_easy_val``, the data of ``make demo``): three classes
+(circle, square, triangle), solid fills, longer box sides 20 px to 0.75 x the image, 2-6 objects
+per image, at most 20 % of a box covered by later ones, light clutter (0-1 blobs or bars, 0-2
+thin lines, none over the objects, noise sigma 1-3).
 
-``demo`` (``shapes_train`` / ``shapes_val``: what ``make demo`` trained on until 2026-12-03, and
-the first dataset of the benchmarks, which stay on it) was designed so that a detector trained
-from scratch on two CPU cores comes close to converging within the demo's budget (2400
-iterations) to a model that visibly finds the objects, while keeping what makes the data useful
-for comparing label assignments. The choices, and why (measured with DSLA alone while the recipe
-was calibrated, before any comparison with FCOS):
+``standard`` (``shapes_train`` / ``shapes_val``, the benchmarks' first dataset): four classes
+with distinct outlines (circle, square, triangle, cross), solid or gradient fills, longer sides
+16 px to 0.8 x the image (log-uniform, so every FPN level of the CPU configs gets objects), 2-8
+objects per image, at most 25 % of a box covered, clutter of 0-2 blobs or bars and 1-4 thin lines
+(at most one over the objects), noise sigma 2-5.
 
-* four classes with distinct outlines (circle, square, triangle, cross) in solid or gradient
-  fills. The first version (six classes with look-alike pairs -- circle vs. ellipse of axis
-  ratio up to 0.8, ring vs. circle --, stripe and speckle textures, 8 px objects, heavy clutter)
-  reached 6 AP in the budget, its successor with these four classes 25 AP, and neither had
-  stopped improving;
-* object sizes (longer box side) log-uniform in [16, 0.8 * image size] px: with the CPU configs'
-  regress ranges [[0,16],[16,32],[32,64],[64,128],[128,inf]] on strides 8-128, a box of side s
-  has point measures max(l,t,r,b) in [s/2, s], so every FPN level gets objects. Below 16 px a
-  shape is a few blurred pixels;
-* 2-8 objects per image: the backbone's cost per image is fixed, so more objects per image
-  give more positive points (training signal) per second of CPU;
-* overlap: objects are drawn largest first, so smaller ones partly cover larger ones; a
-  placement is rejected if the boxes above an earlier box would then cover more than 25 % of it
-  in total (large objects stay recognisable however many small ones lie on them);
-* unannotated clutter: low-frequency background blotches, 0-2 irregular blobs or bars of
-  object-like size, 1-4 thin lines and at most one over the objects, Gaussian noise, JPEG
-  artefacts;
-* 7 % of the images have no object (only clutter): negatives for every point;
-* 1000 training and 150 validation images of 256 px (about 15 s to generate).
+``crowded`` (``shapes_crowded_train`` / ``shapes_crowded_val``, the benchmarks' second dataset):
+five classes including look-alikes (ellipse of axis ratio 0.45-0.7, square, triangle, ring,
+cross), all four textures (solid, stripes, gradient, speckle), mostly small and medium objects
+(10-160 px), 4-12 objects per image, up to 60 % of a box covered, heavier clutter (1-6 blobs or
+bars, 2-8 lines, up to two over the objects, noise sigma 2-10).
 
-``crowded`` (``shapes_crowded_train`` / ``shapes_crowded_val``) is the second dataset of the
-benchmarks, chosen before any comparison was run to differ from ``demo`` where label assignment
-matters: five classes including look-alikes (ellipse with axis ratio 0.45-0.7 next to the ring
-and the other shapes), 4-12 objects per image, heavier overlap (60 % of an earlier box in total), mostly
-small and medium objects (10-160 px), all four textures (solid, stripes, gradient, speckle) and
-more clutter.
+Objects are drawn largest first, so smaller ones partly cover larger ones; a placement is
+rejected if the boxes above an earlier box would cover more than the style's fraction of it.
 
 Boxes are the FULL geometric extent of each shape (the bounds of its outline), also where it is
 partly covered, never the visible extent; shapes always lie entirely inside the image. Every
@@ -87,7 +61,6 @@ from ..errors import UserError
 from .datasets import load_coco_dataset
 
 __all__ = [
-    "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "STYLES",
     "ShapesStyle",
@@ -126,7 +99,7 @@ STYLES = {
         textures=("solid",), ellipse_ratio=(0.45, 0.7), distractors=(0, 1),
         lines=(0, 2), noise_sigma=(1.0, 3.0), lines_over_objects=(0, 0),
     ),
-    "demo": ShapesStyle(
+    "standard": ShapesStyle(
         classes=("circle", "square", "triangle", "cross"),
         object_size=(16.0, 0.8), objects_per_image=(2, 8), max_covered_fraction=0.25,
         textures=("solid", "gradient"), ellipse_ratio=(0.45, 0.7), distractors=(0, 2),
@@ -139,12 +112,15 @@ STYLES = {
         distractors=(1, 6), lines=(2, 8), noise_sigma=(2.0, 10.0), lines_over_objects=(0, 2),
     ),
 }
-SHAPES_CLASSES = STYLES["demo"].classes
+# How a split's annotations.json names its style (``info``, compared with the wanted parameters
+# to decide whether a split on disk is current): fixed identifiers of the file format, so that
+# published splits stay valid; the "standard" style's files say "demo".
+_STYLE_IDS_IN_FILES = {"easy": "easy", "standard": "demo", "crowded": "crowded"}
 # Registered name -> split directory, image count, seed and style. val has its own seed, so no
 # val image repeats a train image.
 SHAPES_SPLITS = {
-    "shapes_train": {"split": "train", "num_images": 1000, "seed": 0, "style": "demo"},
-    "shapes_val": {"split": "val", "num_images": 150, "seed": 1, "style": "demo"},
+    "shapes_train": {"split": "train", "num_images": 1000, "seed": 0, "style": "standard"},
+    "shapes_val": {"split": "val", "num_images": 150, "seed": 1, "style": "standard"},
     "shapes_crowded_train": {"split": "crowded_train", "num_images": 1000, "seed": 2,
                              "style": "crowded"},
     "shapes_crowded_val": {"split": "crowded_val", "num_images": 150, "seed": 3,
@@ -153,6 +129,7 @@ SHAPES_SPLITS = {
     "shapes_easy_train": {"split": "easy_train", "num_images": 1000, "seed": 0, "style": "easy"},
     "shapes_easy_val": {"split": "easy_val", "num_images": 150, "seed": 1, "style": "easy"},
 }
+DEFAULT_STYLE = "standard"
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_EMPTY_FRACTION = 0.07
 # Bump when the drawing code changes: an existing split with another version is regenerated.
@@ -414,7 +391,7 @@ def _place_objects(rng: np.random.Generator, image: np.ndarray, num_objects: int
 
 
 def render_shapes_image(
-    rng: np.random.Generator, image_size: int, num_objects: int, style: str = "demo"
+    rng: np.random.Generator, image_size: int, num_objects: int, style: str = DEFAULT_STYLE
 ) -> Tuple[np.ndarray, List[Dict]]:
     """
     Draw one shapes image.
@@ -444,10 +421,11 @@ def render_shapes_image(
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_split(directory: str, params: Dict) -> None:
-    """Render all images of a split into ``directory`` and write its annotations.json."""
+def _write_split(directory: str, params: Dict, style_name: str) -> None:
+    """Render all images of a split of style ``style_name`` into ``directory`` and write its
+    annotations.json, which records ``params``."""
     n, seed, size = params["num_images"], params["seed"], params["image_size"]
-    style = STYLES[params["style"]]
+    style = STYLES[style_name]
     os.makedirs(os.path.join(directory, "images"))
     num_empty = int(round(params["empty_fraction"] * n))
     empty = set(np.random.default_rng(seed).permutation(n)[:num_empty].tolist())
@@ -456,7 +434,7 @@ def _write_split(directory: str, params: Dict) -> None:
         # One generator per image: an image does not depend on the ones before it.
         rng = np.random.default_rng((seed, i))
         num_objects = 0 if i in empty else _randint(rng, style.objects_per_image)
-        pixels, annos = render_shapes_image(rng, size, num_objects, params["style"])
+        pixels, annos = render_shapes_image(rng, size, num_objects, style_name)
         file_name = f"{i:06d}.jpg"
         Image.fromarray(pixels).save(
             os.path.join(directory, "images", file_name), quality=JPEG_QUALITY
@@ -531,7 +509,7 @@ def generate_shapes_dataset(
     seed: int,
     image_size: int = DEFAULT_IMAGE_SIZE,
     empty_fraction: float = DEFAULT_EMPTY_FRACTION,
-    style: str = "demo",
+    style: str = DEFAULT_STYLE,
 ) -> Tuple[str, str]:
     """
     Generate one split of the shapes dataset under ``root`` unless it is there already.
@@ -546,7 +524,8 @@ def generate_shapes_dataset(
         seed: random seed of the split.
         image_size: side of the square images in pixels.
         empty_fraction: fraction of images without objects (rounded to a whole count).
-        style: a key of ``STYLES`` (the dataset's statistics; recorded in the json with them).
+        style: a key of ``STYLES`` (the dataset's statistics; recorded in the json with them,
+            under the style's identifier in files).
 
     Returns:
         (json_file, image_root) of the split.
@@ -555,7 +534,7 @@ def generate_shapes_dataset(
         raise UserError(f"unknown shapes style {style!r}: use one of {sorted(STYLES)}")
     params = {"version": GENERATOR_VERSION, "split": split, "num_images": int(num_images),
               "seed": int(seed), "image_size": int(image_size),
-              "empty_fraction": float(empty_fraction), "style": style,
+              "empty_fraction": float(empty_fraction), "style": _STYLE_IDS_IN_FILES[style],
               "style_settings": json.loads(json.dumps(dataclasses.asdict(STYLES[style])))}
     final = os.path.join(root, split)
     if _read_params(final) != params:
@@ -566,7 +545,7 @@ def generate_shapes_dataset(
         tmp = tempfile.mkdtemp(prefix=f".{split}-tmp-", dir=root)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published split should not be
         try:
-            _write_split(tmp, params)
+            _write_split(tmp, params, style)
             _publish(tmp, final, params)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
@@ -606,7 +585,7 @@ def register_shapes_datasets(root: Optional[str] = None, splits: Optional[Dict] 
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         DatasetCatalog.register(name, partial(_load_shapes, name, root, dict(spec)))
-        classes = STYLES[spec.get("style", "demo")].classes
+        classes = STYLES[spec.get("style", DEFAULT_STYLE)].classes
         MetadataCatalog.get(name).set(
             thing_classes=list(classes),
             # Set now (load_coco_json sets the same on load) so an evaluator built first works.

@@ -4,7 +4,7 @@ Show how DSLA labels the points of one dataset image, next to FCOS's hard labels
 One PNG, one row per FPN level. Column 1: DSLA's smooth label q* of every point, as the model of
 the config computes its training targets (``DSLA.smooth_label_maps``: core zone, interval
 relaxation across levels, the larger-q box winning where boxes overlap). Column 2: FCOS's
-positives (``dsla.fcos_targets``: inside a box's centre-sampling region,
+positives (``dsla.baselines.fcos_targets``: inside a box's centre-sampling region,
 ``MODEL.FCOS.CENTER_SAMPLING_RADIUS``, with max(l, t, r, b) in the level's range).
 Both columns use the DSLA model's points (``dsla.points``) and regress ranges, so that they
 differ only in the assignment rule. Ground-truth boxes are drawn on top; each coloured cell is
@@ -38,7 +38,7 @@ from dsla.analysis import ground_truth_of
 from dsla.assignment import _relaxed_ranges, level_point_info
 from dsla.cli import exit_on_user_error, load_config, register_datasets, tool_parser
 from dsla.errors import UserError
-from dsla.fcos_targets import fcos_targets
+from dsla.baselines.fcos_targets import fcos_targets
 from dsla.meta_arch import DSLA
 from dsla.points import grid_points, grid_sizes
 

@@ -1,11 +1,14 @@
-"""detectron2's own FCOS, made buildable from yacs configs, as DSLA's baseline.
+"""detectron2's own FCOS ("FCOS with tricks": centre sampling, GIoU loss, centerness on the
+regression tower, score sqrt(cls x ctr)), made buildable from yacs configs as a baseline of DSLA,
+as meta-architecture ``FCOSDetectron2`` with the keys ``MODEL.FCOS``
+(``dsla.config.FCOS_DETECTRON2_SETTINGS``).
 
-Only two things change: a ``from_config`` (detectron2 ships FCOS for LazyConfig only), and
-``_match_anchors``, whose per-level regress ranges, which detectron2 fixes at 4x/8x the stride,
-come from ``MODEL.FCOS.REGRESS_RANGES`` so that FCOS and DSLA see the same ranges on any dataset;
-it is FCOS's rule from ``fcos_targets.py`` (shared with the plain-FCOS baseline), with the ranges
-closed ``[lo, hi]`` as in mmdetection. The rest of the labelling (``label_anchors``), the losses
-and inference are detectron2's.
+Only two things change: a ``from_config`` (detectron2 ships FCOS for LazyConfig only, and does
+not register it), and ``_match_anchors``, whose per-level regress ranges, which detectron2 fixes
+at 4x/8x the stride, come from ``MODEL.FCOS.REGRESS_RANGES`` so that FCOS and DSLA see the same
+ranges on any dataset; it is FCOS's rule from ``fcos_targets.py`` (shared with the plain-FCOS
+baseline), with the ranges closed ``[lo, hi]`` as in mmdetection. The rest of the labelling
+(``label_anchors``), the losses and inference are detectron2's.
 """
 from typing import List
 
@@ -13,19 +16,18 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
-from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes
 
-from .assignment import level_point_info
-from .config import dense_detector_kwargs
+from ..assignment import level_point_info
+from ..config import detector_arguments
 from .fcos_targets import fcos_match_quality
 
-__all__ = ["FCOS"]
+__all__ = ["FCOSDetectron2"]
 
 
 @META_ARCH_REGISTRY.register()
-class FCOS(_D2FCOS):
+class FCOSDetectron2(FCOS):
     """detectron2's FCOS (focal loss, GIoU, centerness branch) with configurable ranges."""
 
     @configurable
@@ -52,17 +54,8 @@ class FCOS(_D2FCOS):
             input_shape=shapes, conv_dims=[shapes[0].channels] * c.NUM_CONVS,
             num_classes=c.NUM_CLASSES, norm=c.NORM, prior_prob=c.PRIOR_PROB,
         )
-        return {
-            "backbone": backbone,
-            "head": head,
-            "head_in_features": c.IN_FEATURES,
-            "regress_ranges": c.REGRESS_RANGES,
-            "num_classes": c.NUM_CLASSES,
-            "center_sampling_radius": c.CENTER_SAMPLING_RADIUS,
-            "focal_loss_alpha": c.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": c.FOCAL_LOSS_GAMMA,
-            **dense_detector_kwargs(cfg, c),
-        }
+        return {"backbone": backbone, "head": head,
+                **detector_arguments(cfg, "FCOSDetectron2")}
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
                pred_centerness):

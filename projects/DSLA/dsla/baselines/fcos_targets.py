@@ -1,7 +1,7 @@
 """FCOS labelling (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019,
 Sec. 3.1-3.3): the hard assignment that plain FCOS trains with and that DSLA's smooth labels
-replace. A neutral module shared by the two FCOS baselines (``fcos_plain.py`` and ``fcos.py``);
-DSLA's own assignment lives in ``assignment.py``.
+replace. Shared by the two FCOS baselines (``fcos_plain.py`` and ``fcos_detectron2.py``);
+DSLA's own assignment lives in ``dsla/assignment.py``.
 
 Shape letters: P = points of one image, all levels concatenated level by level;
 G = ground-truth boxes of the image.

@@ -1,24 +1,22 @@
 """Plain FCOS, the detector DSLA modifies: the paper's baseline (Su et al. 2022, Sec. 4; Tian et
-al., ICCV 2019), as mmdetection's ``fcos_r50_caffe_fpn_gn-head_1x`` computes it.
+al., ICCV 2019), as mmdetection's ``fcos_r50_caffe_fpn_gn-head_1x`` computes it. Its keys are
+``MODEL.FCOS_PLAIN`` (``dsla.config.FCOS_PLAIN_SETTINGS``).
 
-Shared with DSLA (this class subclasses :class:`dsla.meta_arch.DSLA`): backbone and FPN, the
-head (``DSLAHead``: two GN towers, cls logits, per-level Scale, ``exp(scale * x)`` or
-``NORM_ON_BBOX`` distances, DCN / conv-bias options), the points ``(j s, i s)`` and regress
-ranges, box decoding, the IoU / GIoU box loss function, the all-reduced normalisers, and the
-whole per-image inference (candidates per level, threshold, clipping, class-aware NMS, top-k),
-and every ``MODEL.DSLA`` key those parts read.
+A sibling of DSLA: both are :class:`dsla.point_detector.PointDetector` (points ``(j s, i s)``,
+regress ranges, box decoding, the whole per-image inference) with the head ``DSLAHead`` (two
+towers, cls logits, per-level Scale, ``exp(scale * x)`` or ``NORM_ON_BBOX`` distances, DCN /
+conv-bias options), the IoU / GIoU box loss function and the all-reduced normalisers.
 
-New here: the head's centerness conv on the classification tower (``centerness=True``); FCOS's
-hard labelling (``fcos_targets.py``: inside test, range test, smallest box, centerness target);
-the losses -- sigmoid focal loss / number of positives, IoU loss weighted by the centerness
-target / sum of centerness targets, centerness BCE / number of positives -- and the score
-``sigmoid(cls) * sigmoid(centerness)``. DSLA's assignment switches (relaxation, core zone,
-smooth labels, IoU coupling, QFL beta) are not used.
+Plain FCOS's own: the head's centerness conv on the classification tower (``centerness=True``);
+FCOS's hard labelling (``fcos_targets.py``: inside test, range test, smallest box, centerness
+target); the losses -- sigmoid focal loss / number of positives, IoU loss weighted by the
+centerness target / sum of centerness targets, centerness BCE / number of positives -- and the
+score ``sigmoid(cls) * sigmoid(centerness)``.
 
 Kept as DSLA's rather than mmdetection's, so that the comparison isolates the method: the points
 (mmdetection's FCOS adds s // 2), the 0.05 score threshold applied to cls x ctr (mmdetection
-thresholds cls, then multiplies) and the NMS IoU ``MODEL.DSLA.NMS_THRESH_TEST`` (0.6; its FCOS
-config uses 0.5).
+thresholds cls, then multiplies) and the NMS IoU ``NMS_THRESH_TEST`` (0.6; its FCOS config uses
+0.5).
 
 Shape letters: N = images, P = points of all levels, Pi = points of level i, C = classes,
 K = positive points of the batch.
@@ -36,28 +34,40 @@ from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .assignment import level_point_info
+from ..assignment import level_point_info
+from ..config import FOCAL_LOSS_SETTINGS, defaults
+from ..losses import all_reduce_mean, box_iou_loss
+from ..point_detector import PointDetector, point_detector_arguments
 from .fcos_targets import fcos_targets
-from .head import DSLAHead
-from .losses import all_reduce_mean, box_iou_loss
-from .meta_arch import DSLA
 
 __all__ = ["FCOSPlain", "focal_loss_sum"]
 
+# Defaults of the constructor's optional arguments: the config's (FOCAL_LOSS_SETTINGS).
+_DEFAULTS = defaults(FOCAL_LOSS_SETTINGS)
+
 
 @META_ARCH_REGISTRY.register()
-class FCOSPlain(DSLA):
+class FCOSPlain(PointDetector):
     """
     Plain FCOS: centerness branch on the cls tower, focal loss, centerness-weighted IoU loss,
-    no centre sampling (unless ``MODEL.DSLA.CENTER_SAMPLING_RADIUS`` > 0), score = cls x ctr.
+    no centre sampling (unless ``center_sampling_radius`` > 0), score = cls x ctr.
     """
 
     @configurable
-    def __init__(self, *, focal_loss_alpha=0.25, focal_loss_gamma=2.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        focal_loss_alpha=_DEFAULTS["focal_loss_alpha"],
+        focal_loss_gamma=_DEFAULTS["focal_loss_gamma"],
+        **kwargs,
+    ):
         """
         Args:
             focal_loss_alpha, focal_loss_gamma: sigmoid focal loss parameters.
-            kwargs: arguments of :class:`DSLA`; ``head`` must return centerness logits too.
+            kwargs: arguments of :class:`PointDetector` (backbone, head, head_in_features,
+                num_classes, regress_ranges, center_sampling_radius, loss weights and box
+                loss, inference settings, pixel_mean, pixel_std, input_format); ``head``
+                returns (logits, distances in pixels, centerness logits).
         """
         super().__init__(**kwargs)
         self.focal_loss_alpha = focal_loss_alpha
@@ -65,18 +75,7 @@ class FCOSPlain(DSLA):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        # DSLA's assignment switches and QFL do not exist in plain FCOS: keep their defaults
-        # (unused) rather than whatever MODEL.DSLA says.
-        for key in ("smooth_label", "relaxation_factor", "core_zone", "iou_coupling", "qfl_beta"):
-            del ret[key]
-        ret["focal_loss_alpha"] = cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA
-        ret["focal_loss_gamma"] = cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA
-        return ret
-
-    @classmethod
-    def build_head(cls, cfg, input_shape):
-        return DSLAHead(cfg, input_shape, centerness=True)
+        return point_detector_arguments(cfg, "FCOSPlain", centerness=True)
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_dists, pred_ctr = self._transpose_dense_predictions(
