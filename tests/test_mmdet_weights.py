@@ -18,7 +18,12 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import REPO
-from dsla.checkpoint import DSLACheckpointer, load_weights, mmdet_to_detectron2
+from dsla.checkpoint import (
+    DSLACheckpointer,
+    checkpoint_num_classes,
+    load_weights,
+    mmdet_to_detectron2,
+)
 from dsla.cli import load_config
 from dsla.convert import RELEASED_MODELS, describe_checkpoint, model_shapes, released_model
 from dsla.data import SHAPES_CLASSES
@@ -124,6 +129,7 @@ def test_released_models_are_recognised_and_their_configs_exist():
 def test_mmdet_file_loads_as_its_converted_file(name, files, models, dsla_log):
     src, converted = files[name]
     model = models[name]
+    assert checkpoint_num_classes(src) == NUM_CLASSES  # for --eval-only's class-count advice
     assert load_weights(model, src) == list(SHAPES_CLASSES)  # meta["CLASSES"]
     state, out = {k: v.clone() for k, v in model.state_dict().items()}, predict(model)
     assert f"{src}: mmdetection checkpoint of the released {name} layout" in dsla_log.text
@@ -144,7 +150,7 @@ def test_eval_only_with_the_mmdet_config(name, files, tiny_shapes, tmp_path):
                 "DATASETS.TEST", "('tiny_val',)", "MODEL.DSLA.NUM_CLASSES", str(NUM_CLASSES),
                 *SMALL_TEST, "MODEL.WEIGHTS", files[name][0], "OUTPUT_DIR", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"mmdetection checkpoint of the released {name} layout" in proc.stderr
+    assert f"mmdetection checkpoint of the released {name} layout" in proc.stdout
     assert "AP" in (tmp_path / "eval_results.json").read_text()
 
 
@@ -153,12 +159,13 @@ def test_eval_only_with_the_lazy_config(name, files, tiny_shapes, tmp_path):
     _, _, lazy_config = LAYOUTS[name]
     proc = run(["-m", "dsla.lazy_engine", "--config-file", lazy_config, "--eval-only",
                 *tiny_shapes, f"train.init_checkpoint={files[name][0]}",
-                "dataloader.test.dataset.names=tiny_val", f"model.num_classes={NUM_CLASSES}",
+                "dataloader.train.dataset.names=tiny_train", "dataloader.test.dataset.names=tiny_val",
+                f"model.num_classes={NUM_CLASSES}",
                 "dataloader.test.mapper.augmentations.0.short_edge_length=128",
                 "dataloader.test.mapper.augmentations.0.max_size=128",
                 "dataloader.test.num_workers=0", f"train.output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"mmdetection checkpoint of the released {name} layout" in proc.stderr
+    assert f"mmdetection checkpoint of the released {name} layout" in proc.stdout
     assert "AP" in (tmp_path / "eval_results.json").read_text()
 
 
@@ -173,28 +180,23 @@ def _load_error(model, path):
     return message
 
 
-def test_r101_file_with_the_r50_config(files, models):
-    src = files[R101][0]
-    message = _load_error(models[R50], src)
-    assert message.startswith(
-        f"checkpoint {src} is an mmdetection DSLA checkpoint of the released R-101 2x DCN layout "
-        "(ResNet-101 with DCN in layer2, layer3, layer4; head with DCN last tower convs, tower "
-        "conv biases) and does not fit this config's model (")
-    assert message.endswith(
-        "): use --config-file configs/COCO-Detection/dsla_R_101_FPN_dcn_ms_2x_mmdet.yaml "
-        "(LazyConfig: configs/lazy/COCO-Detection/dsla_R_101_FPN_dcn_ms_2x_mmdet.py).")
+_DCN_HEAD = "head with DCN last tower convs, tower conv biases"
 
 
-def test_swin_file_with_the_r101_config(files, models):
-    src = files[SWIN][0]
-    message = _load_error(models[R101], src)
+@pytest.mark.parametrize("file, config, looks_like, fits", [
+    (R101, R50, f"ResNet-101 with DCN in layer2, layer3, layer4; {_DCN_HEAD}",
+     "dsla_R_101_FPN_dcn_ms_2x_mmdet"),
+    (SWIN, R101, f"Swin with [2, 2, 18, 2] blocks per stage; {_DCN_HEAD}",
+     "dsla_Swin_S_FPN_ms_3x_mmdet"),
+], ids=["R-101 file, R-50 config", "Swin-S file, R-101 config"])
+def test_released_file_with_another_models_config(file, config, looks_like, fits, files, models):
+    src = files[file][0]
+    message = _load_error(models[config], src)
     assert message.startswith(
-        f"checkpoint {src} is an mmdetection DSLA checkpoint of the released Swin-S 3x layout "
-        "(Swin with [2, 2, 18, 2] blocks per stage; head with DCN last tower convs, tower conv "
-        "biases) and does not fit this config's model (")
-    assert message.endswith(
-        "): use --config-file configs/COCO-Detection/dsla_Swin_S_FPN_ms_3x_mmdet.yaml "
-        "(LazyConfig: configs/lazy/COCO-Detection/dsla_Swin_S_FPN_ms_3x_mmdet.py).")
+        f"checkpoint {src} is an mmdetection DSLA checkpoint of the released {file} layout "
+        f"({looks_like}) and does not fit this config's model (")
+    assert message.endswith(f"): use --config-file configs/COCO-Detection/{fits}.yaml "
+                            f"(LazyConfig: configs/lazy/COCO-Detection/{fits}.py).")
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,7 @@ def test_fine_tuning_reinitialises_only_the_classifier(models, tiny_shapes, tmp_
                 "OUTPUT_DIR", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (f"{src}: 2 parameters do not fit the model and are re-initialised (fine-tuning): "
-            "head.cls_score.weight, head.cls_score.bias") in proc.stderr
+            "head.cls_score.weight, head.cls_score.bias") in proc.stdout
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["class_names"]["thing_classes"] == list(SHAPES_CLASSES)  # the training set's
     classifier = ["head.cls_score.weight", "head.cls_score.bias"]

@@ -41,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read INPUT with full unpickling (trusted files only)")
     add_overwrite_argument(parser)
-    return parser.parse_args(argv)
+    # Intermixed: KEY VALUE overrides may follow the options, as in the usage above.
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):
