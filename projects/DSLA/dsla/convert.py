@@ -119,11 +119,11 @@ class Differences(NamedTuple):
         return bool(self.unused or self.missing or self.mismatched)
 
     def summary(self) -> str:
-        """One line: the count and first entry of each kind, e.g. ``340 checkpoint keys unused
-        (e.g. backbone.layer3.6.conv1.weight)``."""
+        """One line: the count and first entry of each kind, e.g. ``340 checkpoint keys unused,
+        e.g. backbone.layer3.6.conv1.weight``."""
         parts = [(self.unused, "checkpoint keys unused"), (self.missing, "model keys missing"),
                  (self.mismatched, "shapes differ")]
-        return "; ".join(f"{len(lines)} {what} (e.g. {lines[0]})" for lines, what in parts
+        return "; ".join(f"{len(lines)} {what}, e.g. {lines[0]}" for lines, what in parts
                          if lines)
 
 
