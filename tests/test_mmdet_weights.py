@@ -159,8 +159,9 @@ def test_eval_only_with_the_lazy_config(name, files, tiny_shapes, tmp_path):
     _, _, lazy_config = LAYOUTS[name]
     proc = run(["-m", "dsla.lazy_engine", "--config-file", lazy_config, "--eval-only",
                 *tiny_shapes, f"train.init_checkpoint={files[name][0]}",
-                "dataloader.train.dataset.names=tiny_train", "dataloader.test.dataset.names=tiny_val",
-                f"model.num_classes={NUM_CLASSES}",
+                # setup checks the class count of the training set's names too
+                "dataloader.train.dataset.names=tiny_train",
+                "dataloader.test.dataset.names=tiny_val", f"model.num_classes={NUM_CLASSES}",
                 "dataloader.test.mapper.augmentations.0.short_edge_length=128",
                 "dataloader.test.mapper.augmentations.0.max_size=128",
                 "dataloader.test.num_workers=0", f"train.output_dir={tmp_path}"])
@@ -212,7 +213,7 @@ def test_fcos_file_is_not_dsla(fcos_file, models):
     assert _load_error(models[R50], fcos_file) == (
         f"checkpoint {fcos_file} is an mmdetection checkpoint of another detector, not of DSLA: "
         "it looks like FCOS (bbox_head.conv_centerness is FCOS's centerness branch, which DSLA "
-        "has not); no config of this project loads it (the *_mmdet configs load the authors' "
+        "does not have); no config of this project loads it (the *_mmdet configs load the authors' "
         "DSLA checkpoints, docs/MODEL_ZOO.md).")
 
 

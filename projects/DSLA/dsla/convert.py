@@ -61,7 +61,6 @@ __all__ = [
     "model_shapes",
     "model_shapes_from_config",
     "read_checkpoint_file",
-    "first_line",
     "load_error",
     "UNREADABLE",
     "config_hints",
@@ -472,6 +471,16 @@ def _foreign_head_modules(mmdet_state: Mapping[str, torch.Tensor]) -> List[str]:
     return list(dict.fromkeys(modules))
 
 
+def _looks_like(foreign: List[str]) -> str:
+    """What the head modules that DSLA lacks say about a checkpoint."""
+    if _FCOS_CENTERNESS in foreign:
+        return ("it looks like FCOS (bbox_head.conv_centerness is FCOS's centerness branch, which "
+                "DSLA does not have)")
+    more = len(foreign) - _MAX_FOREIGN
+    return (", ".join(foreign[:_MAX_FOREIGN]) + (f" (and {more} more)" if more > 0 else "")
+            + " have no counterpart in DSLA")
+
+
 def mismatch_message(source: str, mmdet_state: Mapping[str, torch.Tensor],
                      differences: Differences) -> str:
     """
@@ -485,14 +494,9 @@ def mismatch_message(source: str, mmdet_state: Mapping[str, torch.Tensor],
     """
     foreign = _foreign_head_modules(mmdet_state)
     if foreign:
-        looks = ("it looks like FCOS (bbox_head.conv_centerness is FCOS's centerness branch, "
-                 "which DSLA has not)" if _FCOS_CENTERNESS in foreign else
-                 f"{', '.join(foreign[:_MAX_FOREIGN])}"
-                 + (f" (and {len(foreign) - _MAX_FOREIGN} more)" if len(foreign) > _MAX_FOREIGN
-                    else "") + " have no counterpart in DSLA")
         return (f"checkpoint {source} is an mmdetection checkpoint of another detector, not of "
-                f"DSLA: {looks}; no config of this project loads it (the *_mmdet configs load "
-                "the authors' DSLA checkpoints, docs/MODEL_ZOO.md).")
+                f"DSLA: {_looks_like(foreign)}; no config of this project loads it (the *_mmdet "
+                "configs load the authors' DSLA checkpoints, docs/MODEL_ZOO.md).")
     released = released_model(mmdet_state)
     fits = (f"use --config-file {released.config} (LazyConfig: {released.lazy_config})"
             if released else "no released model's config fits it: set the config's backbone "
@@ -502,7 +506,7 @@ def mismatch_message(source: str, mmdet_state: Mapping[str, torch.Tensor],
 
 
 def is_mmdet_checkpoint(checkpoint) -> bool:
-    """Whether ``checkpoint`` (a loaded file) is an mmdetection detector: a dict whose
+    """Whether ``checkpoint`` (a loaded file) is one of an mmdetection detector: a dict whose
     ``state_dict`` (or the dict itself, a bare state dict) holds ``neck.`` or ``bbox_head.``
     keys, names detectron2's models do not use."""
     if not isinstance(checkpoint, Mapping):
@@ -615,7 +619,7 @@ def read_checkpoint_file(path: str, allow_pickle: bool = False) -> Mapping:
         raise load_error(path, e, "If you trust the file, retry with --allow-pickle.") from e
 
 
-def first_line(error: Exception) -> str:
+def _first_line(error: Exception) -> str:
     """``"Type: first line of the message"``, for one-line messages about a library's error."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
@@ -636,7 +640,7 @@ def load_error(path: str, error: Exception, pickle_hint: str) -> UserError:
                                f"it pickles {refused[1]}. {pickle_hint}")
     # weights_only's message is a paragraph of advice; its unpickler's reason is the news.
     reason = _UNPICKLER_REASON.search(str(error))
-    reason = f"{type(error).__name__}: {reason[1]}" if reason else first_line(error)
+    reason = f"{type(error).__name__}: {reason[1]}" if reason else _first_line(error)
     return UserError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({reason})")
 
 
