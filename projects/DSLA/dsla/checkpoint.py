@@ -7,31 +7,45 @@
   running a randomly initialised head. Training (fine-tuning) may re-initialise mismatched
   parameters, with one warning listing them.
 - Training checkpoints record the training set's class names (:class:`ClassNames`).
+- The authors' mmdetection checkpoints load as they are: recognised by their keys and converted
+  in memory with the strict rules of ``dsla-convert-mmdet`` (:mod:`dsla.convert`), their
+  ``meta["CLASSES"]`` as the class names; a file that does not fit the config's model stops with
+  one line saying what the file is and which config fits it.
 - ``--resume`` falls back to the newest readable checkpoint of OUTPUT_DIR when the one named in
   ``last_checkpoint`` is missing or unreadable, and says so.
 """
 import logging
 import os
-import pickle
 import zipfile
-from typing import List, Optional, Sequence
+from typing import Collection, List, Mapping, Optional, Sequence
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .convert import (
+    UNREADABLE,
+    ConversionError,
+    convert_mmdet_state_dict,
+    extract_state_dict,
+    is_mmdet_checkpoint,
+    layout_name,
+    load_error,
+    mismatch_message,
+    mmdet_class_names,
+    model_shapes,
+    to_detectron2_checkpoint,
+)
 from .errors import UserError
 
 __all__ = ["ClassNames", "DSLACheckpointer", "checkpoint_files", "checkpoint_num_classes",
-           "load_weights"]
+           "load_weights", "mmdet_to_detectron2"]
 
 logger = logging.getLogger("dsla")
 
-# What torch.load raises on a file that is not a (complete) checkpoint: a truncated zip archive
-# (RuntimeError "PytorchStreamReader failed ...", or OSError from its reader), a truncated or
-# foreign pickle.
-_UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 _CLASSIFIER_BIAS = "cls_score.bias"
+_CLASSIFIER = ("cls_score.weight", _CLASSIFIER_BIAS)
+_MMDET_CLASSIFIER_BIAS = "bbox_head.conv_cls.bias"
 
 
 class ClassNames:
@@ -48,11 +62,33 @@ class ClassNames:
         pass  # a resumed run names its classes from its own datasets
 
 
+def mmdet_to_detectron2(checkpoint: Mapping, expected_shapes: Mapping[str, torch.Size],
+                        may_differ: Collection[str] = ()) -> dict:
+    """
+    The detectron2 checkpoint of a loaded mmdetection DSLA checkpoint: its state dict converted
+    strictly (:func:`dsla.convert.convert_mmdet_state_dict`) and its ``meta["CLASSES"]`` recorded
+    as :class:`ClassNames` records a training set's names.
+
+    Args:
+        checkpoint: the loaded file (``{"state_dict", "meta", ...}`` or a bare state dict).
+        expected_shapes: ``{key: shape}`` of the model to load it into.
+        may_differ: model keys whose shape may differ (passed with the checkpoint's shape).
+
+    Raises:
+        ConversionError: the checkpoint does not fit the model.
+    """
+    state = convert_mmdet_state_dict(extract_state_dict(checkpoint), expected_shapes, may_differ)
+    names = ClassNames(mmdet_class_names(checkpoint))
+    return to_detectron2_checkpoint(state, class_names=names.state_dict())
+
+
 class DSLACheckpointer(DetectionCheckpointer):
     """
     ``DetectionCheckpointer`` with one-line errors for missing / unreadable files, strict shape
-    checks (``strict=True``) or one warning for re-initialised parameters (``strict=False``), and
-    ``--resume`` falling back to an older readable checkpoint.
+    checks (``strict=True``) or one warning for re-initialised parameters (``strict=False``),
+    ``--resume`` falling back to an older readable checkpoint, and the authors' mmdetection
+    checkpoints converted as they are read (``_load_file``, detectron2's place for foreign
+    formats).
     """
 
     def __init__(self, model, save_dir="", *, strict=True, **checkpointables):
@@ -68,11 +104,32 @@ class DSLACheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         try:
-            return super()._load_file(filename)
-        except _UNREADABLE as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"cannot read checkpoint {filename}: truncated or not a checkpoint "
-                            f"({type(e).__name__}: {first_line})") from e
+            loaded = super()._load_file(filename)
+        except UNREADABLE as e:
+            raise load_error(filename, e, "If it is an mmdetection checkpoint you trust, convert "
+                             "it with dsla-convert-mmdet --allow-pickle and use the file it "
+                             "writes.") from e
+        # DetectionCheckpointer wraps a file without a "model" entry as {"model": file}.
+        if is_mmdet_checkpoint(loaded.get("model")):
+            return self._convert_mmdet(filename, loaded["model"])
+        return loaded
+
+    def _convert_mmdet(self, filename: str, checkpoint: Mapping) -> dict:
+        """The detectron2 checkpoint of an mmdetection file, for this checkpointer's model."""
+        expected = model_shapes(self.model)
+        # A classifier of another class count passes through to _load_model, which stops
+        # (strict) or re-initialises it with a warning (fine-tuning), as for detectron2 files.
+        classifier = [k for k in expected if k.endswith(_CLASSIFIER)]
+        try:
+            mmdet_state = extract_state_dict(checkpoint)
+            converted = mmdet_to_detectron2(checkpoint, expected, may_differ=classifier)
+        except ConversionError as e:
+            if e.differences is None:
+                raise UserError(f"checkpoint {filename}: {' '.join(str(e).split())}") from None
+            raise UserError(mismatch_message(filename, mmdet_state, e.differences)) from None
+        logger.info(f"{filename}: mmdetection checkpoint of {layout_name(mmdet_state)}, "
+                    f"converted in memory ({len(converted['model'])} tensors)")
+        return converted
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
@@ -164,8 +221,12 @@ def checkpoint_num_classes(path: str) -> Optional[int]:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except _UNREADABLE:  # e.g. pickled objects that weights_only refuses: the file cannot tell
+    except UNREADABLE:  # e.g. pickled objects that weights_only refuses: the file cannot tell
         return None
-    state = state.get("model", state) if isinstance(state, dict) else {}
-    biases = [v for k, v in state.items() if k.endswith(_CLASSIFIER_BIAS)]
+    if isinstance(state, dict):  # detectron2's {"model": ...}, mmdetection's {"state_dict": ...}
+        state = state.get("model", state.get("state_dict", state))
+    else:
+        state = {}
+    biases = [v for k, v in state.items()
+              if k.endswith((_CLASSIFIER_BIAS, _MMDET_CLASSIFIER_BIAS))]
     return int(biases[0].shape[0]) if biases else None

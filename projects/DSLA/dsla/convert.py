@@ -22,10 +22,15 @@ enough for every tensor but one kind:
 
 Every source key must be used and every model key filled (strict, see :func:`check_converted`):
 a silently skipped tensor would keep its random initialisation and cost AP without any error.
+The same conversion runs offline (``dsla-convert-mmdet``) and in memory when ``MODEL.WEIGHTS``
+names an mmdetection file (:class:`dsla.checkpoint.DSLACheckpointer`); a checkpoint that does not
+fit is described (:func:`describe_checkpoint`, :data:`RELEASED_MODELS`) with the config that fits.
 """
 import os
+import pickle
 import re
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional
+import zipfile
+from typing import Callable, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,18 +40,29 @@ from .errors import UserError
 
 __all__ = [
     "ConversionError",
+    "Differences",
+    "RELEASED_MODELS",
+    "ReleasedModel",
     "unfold_to_concat_order",
     "map_key",
     "describe_checkpoint",
+    "released_model",
+    "layout_name",
+    "mismatch_message",
+    "is_mmdet_checkpoint",
+    "mmdet_class_names",
     "extract_state_dict",
     "Renamed",
     "rename_state_dict",
+    "find_differences",
     "check_converted",
     "convert_mmdet_state_dict",
     "to_detectron2_checkpoint",
     "model_shapes",
     "model_shapes_from_config",
     "read_checkpoint_file",
+    "load_error",
+    "UNREADABLE",
     "config_hints",
 ]
 
@@ -77,8 +93,46 @@ _SWIN_BLOCK_RE = "|".join(re.escape(k) for k in _SWIN_BLOCK_PARTS)
 _SWIN_ATTN_TABLES = r"(relative_position_bias_table|relative_position_index)"
 
 
+# What torch.load raises on a file that is not a (complete) checkpoint: a truncated zip archive
+# (RuntimeError "PytorchStreamReader failed ...", or OSError from its reader), a truncated or
+# foreign pickle (weights_only's unpickler raises KeyError for some text files), or one that
+# weights_only refuses (UnpicklingError naming the global, see load_error).
+UNREADABLE = (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError,
+              zipfile.BadZipFile)
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+# A head module of mmdetection's FCOS that DSLA (built on FCOS) does not have.
+_FCOS_CENTERNESS = "bbox_head.conv_centerness"
+_MAX_FOREIGN = 3
+
+
+class Differences(NamedTuple):
+    """How renamed mmdetection tensors differ from a model (:func:`find_differences`); each entry
+    is a readable line naming the key(s)."""
+
+    unused: List[str]  # checkpoint keys with no rule, or renamed to a key the model lacks
+    missing: List[str]  # model keys no checkpoint key fills
+    mismatched: List[str]  # renamed keys whose shape differs from the model's
+
+    def __bool__(self):
+        return bool(self.unused or self.missing or self.mismatched)
+
+    def summary(self) -> str:
+        """One line: the count and first entry of each kind, e.g. ``340 checkpoint keys unused,
+        e.g. backbone.layer3.6.conv1.weight``."""
+        parts = [(self.unused, "checkpoint keys unused"), (self.missing, "model keys missing"),
+                 (self.mismatched, "shapes differ")]
+        return "; ".join(f"{len(lines)} {what}, e.g. {lines[0]}" for lines, what in parts
+                         if lines)
+
+
 class ConversionError(UserError):
-    """The checkpoint does not fit the model: unused or missing keys, or shape mismatches."""
+    """The checkpoint does not fit the model: unused or missing keys, or shape mismatches
+    (``differences``, None for a checkpoint that cannot be converted at all)."""
+
+    def __init__(self, message: str, differences: Optional[Differences] = None):
+        super().__init__(message)
+        self.differences = differences
 
 
 def unfold_to_concat_order(t: torch.Tensor) -> torch.Tensor:
@@ -252,21 +306,17 @@ def rename_state_dict(mmdet_state: Mapping[str, torch.Tensor]) -> Renamed:
     return Renamed(tensors, sources, unmapped, dropped)
 
 
-def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size],
-                    checkpoint_summary: str = "") -> None:
+def find_differences(renamed: Renamed, expected_shapes: Mapping[str, torch.Size],
+                     may_differ: Collection[str] = ()) -> Differences:
     """
-    Check renamed tensors against the model's state dict: every source key used, every model key
+    Compare renamed tensors with the model's state dict: every source key used, every model key
     filled, every shape equal.
 
     Args:
         renamed: output of :func:`rename_state_dict`.
         expected_shapes: ``{detectron2 key: shape}`` of the target model (:func:`model_shapes`).
-        checkpoint_summary: what the checkpoint holds (:func:`describe_checkpoint`), for the
-            message.
-
-    Raises:
-        ConversionError: listing the unused source keys, the missing model keys and, for each
-            shape mismatch, both keys and both shapes.
+        may_differ: model keys whose shape may differ (the classifier when fine-tuning to
+            another class count: the checkpointer re-initialises it, with a warning).
     """
     unused = list(renamed.unmapped) + [
         f"{renamed.sources[k]} -> {k} (not in the model)"
@@ -277,18 +327,38 @@ def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size],
         f"{renamed.sources[k]} -> {k}: checkpoint {tuple(v.shape)} vs model "
         f"{tuple(expected_shapes[k])}"
         for k, v in renamed.tensors.items()
-        if k in expected_shapes and tuple(v.shape) != tuple(expected_shapes[k])
+        if k in expected_shapes and k not in may_differ
+        and tuple(v.shape) != tuple(expected_shapes[k])
     ]
-    if unused or missing or mismatched:
+    return Differences(unused, missing, mismatched)
+
+
+def check_converted(renamed: Renamed, expected_shapes: Mapping[str, torch.Size],
+                    checkpoint_summary: str = "", may_differ: Collection[str] = ()) -> None:
+    """
+    Check renamed tensors against the model's state dict (:func:`find_differences`).
+
+    Args:
+        renamed, expected_shapes, may_differ: as for :func:`find_differences`.
+        checkpoint_summary: what the checkpoint holds (:func:`describe_checkpoint`), for the
+            message.
+
+    Raises:
+        ConversionError: listing the unused source keys, the missing model keys and, for each
+            shape mismatch, both keys and both shapes.
+    """
+    differences = find_differences(renamed, expected_shapes, may_differ)
+    if differences:
         summary = f"\n  The checkpoint holds: {checkpoint_summary}." if checkpoint_summary else ""
         raise ConversionError(
             "The mmdetection checkpoint does not fit the model of this config (check the "
             "config: BACKBONE.NAME, RESNETS.DEPTH / NUM_GROUPS / DEFORM_ON_PER_STAGE, SWIN.*, "
             "DSLA.DCN_ON_LAST_CONV / CONV_BIAS / NUM_CLASSES; docs/MODEL_ZOO.md lists the "
             "config of each released checkpoint):" + summary
-            + _section("checkpoint key(s) unused", unused)
-            + _section("model key(s) missing from the checkpoint", missing)
-            + _section("shape mismatch(es)", mismatched)
+            + _section("checkpoint key(s) unused", differences.unused)
+            + _section("model key(s) missing from the checkpoint", differences.missing)
+            + _section("shape mismatch(es)", differences.mismatched),
+            differences,
         )
 
 
@@ -342,6 +412,122 @@ def describe_checkpoint(mmdet_state: Mapping[str, torch.Tensor]) -> str:
     return f"{backbone}; head with {', '.join(head) or 'plain tower convs'}"
 
 
+class ReleasedModel(NamedTuple):
+    """One of the authors' released checkpoints (docs/MODEL_ZOO.md) and this project's configs
+    for it."""
+
+    name: str
+    config_name: str  # stem of configs/COCO-Detection/*.yaml and configs/lazy/COCO-Detection/*.py
+    description: str  # describe_checkpoint() of its state dict
+    stem: Tuple[str, Tuple[int, ...]]  # first backbone tensor and shape: widths the description
+    # does not name (Swin-S and Swin-B have the same blocks per stage)
+
+    @property
+    def config(self) -> str:
+        return f"configs/COCO-Detection/{self.config_name}.yaml"
+
+    @property
+    def lazy_config(self) -> str:
+        return f"configs/lazy/COCO-Detection/{self.config_name}.py"
+
+
+_DCN_HEAD = "head with DCN last tower convs, tower conv biases"
+RELEASED_MODELS = (
+    ReleasedModel("R-50 1x", "dsla_R_50_FPN_1x_mmdet", "ResNet-50; head with plain tower convs",
+                  ("backbone.conv1.weight", (64, 3, 7, 7))),
+    ReleasedModel("R-101 2x DCN", "dsla_R_101_FPN_dcn_ms_2x_mmdet",
+                  f"ResNet-101 with DCN in layer2, layer3, layer4; {_DCN_HEAD}",
+                  ("backbone.conv1.weight", (64, 3, 7, 7))),
+    ReleasedModel("Swin-S 3x", "dsla_Swin_S_FPN_ms_3x_mmdet",
+                  f"Swin with [2, 2, 18, 2] blocks per stage; {_DCN_HEAD}",
+                  ("backbone.patch_embed.projection.weight", (96, 3, 4, 4))),
+)
+
+
+def released_model(mmdet_state: Mapping[str, torch.Tensor]) -> Optional[ReleasedModel]:
+    """The released model whose layout ``mmdet_state`` has (any class count), or None."""
+    description = describe_checkpoint(mmdet_state)
+    for released in RELEASED_MODELS:
+        key, shape = released.stem
+        stem = mmdet_state.get(key)
+        if (released.description == description and stem is not None
+                and tuple(stem.shape) == shape):
+            return released
+    return None
+
+
+def layout_name(mmdet_state: Mapping[str, torch.Tensor]) -> str:
+    """E.g. ``"the released R-50 1x layout (ResNet-50; head with plain tower convs)"``."""
+    released = released_model(mmdet_state)
+    description = describe_checkpoint(mmdet_state)
+    return (f"the released {released.name} layout ({description})" if released
+            else f"a layout of no released model ({description})")
+
+
+def _foreign_head_modules(mmdet_state: Mapping[str, torch.Tensor]) -> List[str]:
+    """Modules outside the backbone and neck that no rule maps: the head of another detector."""
+    modules = [k.rsplit(".", 1)[0] for k in mmdet_state
+               if not k.startswith(("backbone.", "neck.")) and map_key(k) is None]
+    return list(dict.fromkeys(modules))
+
+
+def _looks_like(foreign: List[str]) -> str:
+    """What the head modules that DSLA lacks say about a checkpoint."""
+    if _FCOS_CENTERNESS in foreign:
+        return ("it looks like FCOS (bbox_head.conv_centerness is FCOS's centerness branch, which "
+                "DSLA does not have)")
+    more = len(foreign) - _MAX_FOREIGN
+    return (", ".join(foreign[:_MAX_FOREIGN]) + (f" (and {more} more)" if more > 0 else "")
+            + " have no counterpart in DSLA")
+
+
+def mismatch_message(source: str, mmdet_state: Mapping[str, torch.Tensor],
+                     differences: Differences) -> str:
+    """
+    One line for an mmdetection checkpoint that does not fit the config's model: the file, what
+    it looks like and which config fits it.
+
+    Args:
+        source: the checkpoint's path, for the message.
+        mmdet_state: its state dict (:func:`extract_state_dict`).
+        differences: how it differs from the model (:func:`find_differences`).
+    """
+    foreign = _foreign_head_modules(mmdet_state)
+    if foreign:
+        return (f"checkpoint {source} is an mmdetection checkpoint of another detector, not of "
+                f"DSLA: {_looks_like(foreign)}; no config of this project loads it (the *_mmdet "
+                "configs load the authors' DSLA checkpoints, docs/MODEL_ZOO.md).")
+    released = released_model(mmdet_state)
+    fits = (f"use --config-file {released.config} (LazyConfig: {released.lazy_config})"
+            if released else "no released model's config fits it: set the config's backbone "
+            "and head to match it")
+    return (f"checkpoint {source} is an mmdetection DSLA checkpoint of {layout_name(mmdet_state)}"
+            f" and does not fit this config's model ({differences.summary()}): {fits}.")
+
+
+def is_mmdet_checkpoint(checkpoint) -> bool:
+    """Whether ``checkpoint`` (a loaded file) is one of an mmdetection detector: a dict whose
+    ``state_dict`` (or the dict itself, a bare state dict) holds ``neck.`` or ``bbox_head.``
+    keys, names detectron2's models do not use."""
+    if not isinstance(checkpoint, Mapping):
+        return False
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, Mapping):
+        return False
+    names = (k[len("module."):] if k.startswith("module.") else k
+             for k in state if isinstance(k, str))
+    return any(k.startswith(("neck.", "bbox_head.")) for k in names)
+
+
+def mmdet_class_names(checkpoint: Mapping) -> Optional[List[str]]:
+    """The class names mmdetection stores in a checkpoint (``meta["CLASSES"]``), or None."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
+    names = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
 def _section(title: str, lines: List[str]) -> str:
     if not lines:
         return ""
@@ -351,31 +537,44 @@ def _section(title: str, lines: List[str]) -> str:
 
 
 def convert_mmdet_state_dict(
-    mmdet_state: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, torch.Size]
+    mmdet_state: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, torch.Size],
+    may_differ: Collection[str] = (),
 ) -> Dict[str, torch.Tensor]:
     """
     Rename and strictly check an mmdetection state dict for a model with ``expected_shapes``.
+
+    Args:
+        may_differ: model keys whose shape may differ (see :func:`find_differences`); they are
+            returned with the checkpoint's shape.
 
     Returns:
         ``{detectron2 key: Tensor}`` in the model's key order, loadable with ``strict=True``.
 
     Raises:
-        ConversionError: see :func:`check_converted`.
+        ConversionError: see :func:`check_converted`; the message names the config of the
+            released model whose layout the checkpoint has.
     """
     renamed = rename_state_dict(mmdet_state)
-    check_converted(renamed, expected_shapes, describe_checkpoint(mmdet_state))
+    summary = describe_checkpoint(mmdet_state)
+    released = released_model(mmdet_state)
+    if released:
+        summary += (f". It has the layout of the released {released.name} model, whose config is "
+                    f"{released.config}")
+    check_converted(renamed, expected_shapes, summary, may_differ)
     return {k: renamed.tensors[k].detach().cpu().contiguous() for k in expected_shapes}
 
 
-def to_detectron2_checkpoint(state_dict: Dict[str, torch.Tensor]) -> dict:
+def to_detectron2_checkpoint(state_dict: Dict[str, torch.Tensor], **extra) -> dict:
     """
     Wrap a converted state dict as a file that ``DetectionCheckpointer`` (``MODEL.WEIGHTS``)
     loads with exact names: ``matching_heuristics`` False turns off its fuzzy name matching.
+    ``extra`` entries (e.g. ``class_names``) are stored beside it.
     """
     return {
         "model": state_dict,
         "__author__": "DSLA authors (mmdetection), converted by dsla.convert",
         "matching_heuristics": False,
+        **extra,
     }
 
 
@@ -409,19 +608,40 @@ def read_checkpoint_file(path: str, allow_pickle: bool = False) -> Mapping:
             ``state_dict``, ``meta`` and ``optimizer`` of mmdetection 2.x checkpoints.
 
     Raises:
-        UserError: ``path`` does not exist. ConversionError: it cannot be read.
+        UserError: ``path`` does not exist, or it is not a (complete) checkpoint.
+        ConversionError: it holds objects that ``weights_only`` refuses.
     """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... depending on version
-        if allow_pickle:
-            raise
-        raise ConversionError(
-            f"Could not read {path} with weights_only=True ({type(e).__name__}: {e}). If you "
-            "trust the file, retry with --allow-pickle."
-        ) from e
+    except UNREADABLE as e:
+        raise load_error(path, e, "If you trust the file, retry with --allow-pickle.") from e
+
+
+def _first_line(error: Exception) -> str:
+    """``"Type: first line of the message"``, for one-line messages about a library's error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def load_error(path: str, error: Exception, pickle_hint: str) -> UserError:
+    """
+    The one-line error for ``torch.load`` failing on ``path`` with ``error`` (one of
+    :data:`UNREADABLE`).
+
+    Args:
+        pickle_hint: what to do when ``weights_only`` refused a pickled object (e.g. numpy
+            scalars in an old checkpoint's metadata), which a full unpickling would read.
+    """
+    refused = _REFUSED_GLOBAL.search(str(error))
+    if refused:
+        return ConversionError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                               f"it pickles {refused[1]}. {pickle_hint}")
+    # weights_only's message is a paragraph of advice; its unpickler's reason is the news.
+    reason = _UNPICKLER_REASON.search(str(error))
+    reason = f"{type(error).__name__}: {reason[1]}" if reason else _first_line(error)
+    return UserError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({reason})")
 
 
 def config_hints(checkpoint: Mapping) -> List[str]:
