@@ -35,14 +35,7 @@ from .config import head_config_node
 from .cpu_amp import CPUAutocast, uses_cpu_autocast
 from .data import check_num_classes, check_training_data
 from .errors import UserError
-from .run_dir import (
-    check_fresh_run,
-    lock_run_folder,
-    log_details,
-    run_folder,
-    setup_run_logging,
-    setup_terminal_logging,
-)
+from .run_dir import log_details, open_run, run_folder, setup_terminal_logging
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "cli"]
 
@@ -117,10 +110,10 @@ class Trainer(DefaultTrainer):
             super().__init__(cfg)
 
     def build_hooks(self):
-        """DefaultTrainer's hooks, over DefaultTrainer's step and checkpointer with two changes
-        made here, the last call of ``DefaultTrainer.__init__`` (before its hooks take the
-        checkpointer): ``SOLVER.AMP`` on a CPU trains in bfloat16 (dsla.cpu_amp; detectron2's
-        AMPTrainer is CUDA-only), and checkpoints go through DSLACheckpointer (class names)."""
+        """DefaultTrainer's hooks. ``DefaultTrainer.__init__`` calls this last, after building its
+        step and checkpointer and before the hooks take them; so here ``SOLVER.AMP`` on a CPU
+        becomes bfloat16 autocast in a SimpleTrainer (dsla.cpu_amp; detectron2's AMPTrainer is
+        CUDA-only), and the checkpointer a DSLACheckpointer (checkpoints record class names)."""
         if uses_cpu_autocast(self.cfg):
             step = self._trainer  # detectron2's delegate of model, data_loader and optimizer
             self._trainer = SimpleTrainer(CPUAutocast(step.model), step.data_loader,
@@ -230,10 +223,8 @@ def _check_datasets(cfg, args) -> None:
         check_training_data(cfg.DATASETS.TRAIN)
 
 
-def _check_fresh_training(cfg, args) -> None:
-    """A new training must not silently replace a previous run's checkpoints; a backbone
-    trained with frozen layers needs weights to freeze."""
-    check_fresh_run(cfg.OUTPUT_DIR, args)
+def _warn_frozen_random_backbone(cfg, args) -> None:
+    """A backbone trained with frozen layers needs weights to freeze."""
     if args.eval_only or args.resume:
         return
     frozen = cfg.MODEL.BACKBONE.FREEZE_AT > 0 or cfg.MODEL.RESNETS.NORM == "FrozenBN"
@@ -271,19 +262,13 @@ def setup(args):
     if not args.eval_only:
         _check_batch_and_input(cfg)
     _check_datasets(cfg, args)
-    folder = run_folder(cfg.OUTPUT_DIR, args.eval_only)
-    lock = lock_run_folder(folder)
-    try:  # after the lock: a run in progress is named as such
-        _check_fresh_training(cfg, args)
-    except UserError:
-        lock.release()
-        raise
 
     def save_config(path):
         with open(path, "w") as f:
             f.write(cfg.dump())
 
-    setup_run_logging(folder, args, save_config, cfg.SEED, cfg.CUDNN_BENCHMARK)
+    open_run(cfg.OUTPUT_DIR, args, save_config, cfg.SEED, cfg.CUDNN_BENCHMARK)
+    _warn_frozen_random_backbone(cfg, args)
     return cfg
 
 

@@ -38,14 +38,7 @@ from .cpu_amp import CPUAutocast
 from .data import check_num_classes, check_training_data
 from .engine import cpu_ddp_model, full_model_clipping
 from .errors import UserError
-from .run_dir import (
-    check_fresh_run,
-    lock_run_folder,
-    log_details,
-    run_folder,
-    setup_run_logging,
-    setup_terminal_logging,
-)
+from .run_dir import log_details, open_run, run_folder, setup_terminal_logging
 
 __all__ = ["load_lazy_config", "setup", "do_test", "do_train", "main", "cli"]
 
@@ -121,15 +114,8 @@ def setup(args):
     cfg = load_lazy_config(args.config_file, args.opts)
     register_datasets(args)
     _check_datasets(cfg, args)
-    folder = run_folder(cfg.train.output_dir, args.eval_only)
-    lock = lock_run_folder(folder)
-    try:
-        check_fresh_run(cfg.train.output_dir, args)
-    except UserError:
-        lock.release()
-        raise
-    setup_run_logging(folder, args, lambda path: LazyConfig.save(cfg, path),
-                      cfg.train.get("seed", -1), cfg.train.get("cudnn_benchmark", False))
+    open_run(cfg.train.output_dir, args, lambda path: LazyConfig.save(cfg, path),
+             cfg.train.get("seed", -1), cfg.train.get("cudnn_benchmark", False))
     return cfg
 
 

@@ -23,8 +23,8 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import checkpoint_files
 from .errors import UserError
 
-__all__ = ["EVAL_FOLDER", "LOCK_FILE", "RunLock", "check_fresh_run", "lock_run_folder", "log_details",
-           "run_folder", "setup_run_logging", "setup_terminal_logging"]
+__all__ = ["EVAL_FOLDER", "LOCK_FILE", "RunLock", "check_fresh_run", "lock_run_folder",
+           "log_details", "open_run", "run_folder", "setup_run_logging", "setup_terminal_logging"]
 
 logger = logging.getLogger("dsla")
 
@@ -122,6 +122,27 @@ def lock_run_folder(folder: str) -> RunLock:
     if message:
         raise UserError(message)
     return lock
+
+
+def open_run(output_dir: str, args, save_config: Callable[[str], None], seed: int,
+             cudnn_benchmark: bool) -> str:
+    """
+    Take the run's folder (:func:`run_folder`) for this run, after the checks that need no
+    writing: lock it, refuse a fresh training over a previous run (:func:`check_fresh_run`,
+    leaving the folder as it was), then :func:`setup_run_logging` there.
+
+    Returns:
+        the run's folder.
+    """
+    folder = run_folder(output_dir, args.eval_only)
+    lock = lock_run_folder(folder)
+    try:  # after the lock: a run in progress is named as such
+        check_fresh_run(output_dir, args)
+    except UserError:
+        lock.release()
+        raise
+    setup_run_logging(folder, args, save_config, seed, cudnn_benchmark)
+    return folder
 
 
 def _color() -> bool:
