@@ -94,7 +94,7 @@ def load_config(config_file: str, opts: Sequence[str], require_weights: bool = F
 def check_options_first(overrides: Sequence[str]) -> None:
     """argparse keeps every word after the first override as an override, options included; no
     override (``KEY VALUE`` or ``key=value``) starts with ``--``."""
-    late = [o for o in overrides if o.startswith("--")]
+    late = [o for o in overrides if isinstance(o, str) and o.startswith("--")]
     if late:
         raise UserError(f"{late[0]} comes after the config overrides {list(overrides)}: "
                         "options go before the overrides (e.g. --eval-only --config-file F "
