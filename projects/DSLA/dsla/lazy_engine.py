@@ -3,8 +3,11 @@
 detectron2's ``tools/lazyconfig_train_net.py`` for the Python configs under ``configs/lazy/``, with
 what the yacs entry (:mod:`dsla.engine`, the reference) adds: whole-model gradient clipping
 (``train.grad_clip``), bfloat16 autocast on a CPU (``train.amp.enabled`` with ``train.device:
-cpu``), CPU multi-process training, ``eval_results.json``, ``--register-coco`` and the checks a
-user needs (config file, overrides, weights, number of classes), each ending in one line.
+cpu``), CPU multi-process training, ``eval_results.json``, ``--register-coco``, one run per
+output folder (:mod:`dsla.run_dir`; ``--eval-only`` writes into its ``eval`` subfolder) and the
+checks a user needs (config file, overrides, weights, number of classes, training data), each
+ending in one line. The command line itself is :func:`dsla.cli.training_cli`, as for the yacs
+entry.
 
     dsla-lazy-train --config-file configs/lazy/Shapes/dsla_R_18_FPN_cpu.py
     dsla-lazy-train --config-file CFG.py --eval-only train.init_checkpoint=model_final.pth
