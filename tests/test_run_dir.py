@@ -93,7 +93,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, dsla_warnings):
     (tmp_path / LOCK_FILE).write_text("4194304 otherhost\n")  # no process holds it
     lock = RunLock(str(tmp_path))
     lock.acquire()
-    assert any("4194304 otherhost" in m and "taking the folder over" in m
+    assert any("process 4194304 on otherhost" in m and "taking the folder over" in m
                for m in dsla_warnings), dsla_warnings
     assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
     lock.release()
@@ -155,7 +155,8 @@ def test_missing_base_names_both_files(tmp_path):
 
 def test_an_option_after_the_overrides_says_options_go_first(tmp_path):
     message = _setup_error(tmp_path, "MODEL.WEIGHTS", "x.pth", "--eval-only")
-    assert message.startswith("--eval-only comes after the config overrides"), message
+    assert message.startswith("--eval-only comes after the config overrides (after "
+                              "'MODEL.WEIGHTS x.pth')"), message
     assert "options go before the overrides" in message
     with pytest.raises(UserError, match="options go before the overrides"):
         load_lazy_config(LAZY_CONFIG, ["train.max_iter=2", "--resume"])

@@ -94,11 +94,14 @@ def load_config(config_file: str, opts: Sequence[str], require_weights: bool = F
 def check_options_first(overrides: Sequence[str]) -> None:
     """argparse keeps every word after the first override as an override, options included; no
     override (``KEY VALUE`` or ``key=value``) starts with ``--``."""
-    late = [o for o in overrides if isinstance(o, str) and o.startswith("--")]
+    overrides = list(overrides)
+    late = [i for i, o in enumerate(overrides) if isinstance(o, str) and o.startswith("--")]
     if late:
-        raise UserError(f"{late[0]} comes after the config overrides {list(overrides)}: "
-                        "options go before the overrides (e.g. --eval-only --config-file F "
-                        "KEY VALUE ...)")
+        i = late[0]
+        after = " ".join(map(str, overrides[max(i - 2, 0):i]))
+        raise UserError(f"{overrides[i]} comes after the config overrides (after '{after}'): "
+                        "options go before the overrides, e.g. --eval-only --config-file F "
+                        "KEY VALUE ...")
 
 
 def check_config_file(path: str, defaults, named_by: Optional[str] = None) -> None:

@@ -73,18 +73,18 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                holder = _holder(os.read(fd, 200)) or "unknown"
                 os.close(fd)
                 folder = os.path.dirname(self.path)
                 raise UserError(
-                    f"OUTPUT_DIR {folder} is in use by another run (pid {holder.replace(' ', ' on ')},"
-                    f" {self.path}): wait for it to end, or train into another OUTPUT_DIR.") from None
+                    f"OUTPUT_DIR {folder} is in use by another run (pid {holder}, {self.path}): "
+                    "wait for it to end, or train into another OUTPUT_DIR.") from None
             # A holder that released (and removed) the file between our open and flock: retry.
             if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
                 self.fd = fd
             else:
                 os.close(fd)
-        previous = os.read(self.fd, 200).decode(errors="replace").strip()
+        previous = _holder(os.read(self.fd, 200))
         if previous:
             logger.warning(f"{self.path} was left by process {previous}, which has ended: "
                            "taking the folder over.")
@@ -98,6 +98,11 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
             RunLock._held.pop(os.path.realpath(os.path.dirname(self.path)), None)
+
+
+def _holder(content: bytes) -> str:
+    """"PID on HOST" from a lock file's "PID HOST"."""
+    return content.decode(errors="replace").strip().replace(" ", " on ", 1)
 
 
 def lock_run_folder(folder: str) -> RunLock:
