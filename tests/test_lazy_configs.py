@@ -93,7 +93,7 @@ def test_lazy_recipe_trains_as_the_yacs_recipe(path):
     model = build_model(yacs)
     ours, theirs = _build_optimizer(cfg, model), Trainer.build_optimizer(yacs, model)
     assert type(ours).__mro__[1] is type(theirs).__mro__[1]  # AdamW / SGD under the clipping
-    # detectron2's clipping class (dsla.engine.full_model_clipping: its global clipper).
+    # Clipping optimizers named as detectron2 names them (full_model: dsla.engine.full_model_clipping).
     assert type(ours).__name__ == type(theirs).__name__ == f"{type(ours).__mro__[1].__name__}WithGradientClip"
     assert cfg.train.grad_clip.max_norm == yacs.SOLVER.CLIP_GRADIENTS.CLIP_VALUE
     assert _optimizer_settings(ours, model) == _optimizer_settings(theirs, model)

@@ -64,7 +64,9 @@ def test_eval_only_gives_the_yacs_entrys_ap(trained, tiny_shapes, tmp_path):
                "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", weights,
                "OUTPUT_DIR", str(tmp_path / "yacs"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final, lazy_ap, yacs_ap = bbox(trained), bbox(tmp_path / "lazy"), bbox(tmp_path / "yacs")
+    # --eval-only writes into OUTPUT_DIR/eval.
+    final, lazy_ap, yacs_ap = (bbox(trained), bbox(tmp_path / "lazy" / "eval"),
+                               bbox(tmp_path / "yacs" / "eval"))
     assert lazy_ap == pytest.approx(final, nan_ok=True)
     assert lazy_ap == pytest.approx(yacs_ap, nan_ok=True)
 

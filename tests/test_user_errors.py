@@ -313,15 +313,15 @@ def test_cuda_without_cuda_warns(dsla_warnings):
 
 
 def test_frozen_backbone_without_weights_warns(dsla_warnings, tmp_path):
-    from dsla.engine import _check_fresh_training
+    from dsla.engine import _warn_frozen_random_backbone
 
     x101 = os.path.join(REPO, "configs", "COCO-Detection", "dsla_X_101_64x4d_FPN_dcn_ms_2x.yaml")
     cfg = load_config(x101, ["OUTPUT_DIR", str(tmp_path)])
-    _check_fresh_training(cfg, Namespace(eval_only=False, resume=False, overwrite=False))
+    _warn_frozen_random_backbone(cfg, Namespace(eval_only=False, resume=False))
     assert any("MODEL.WEIGHTS is empty" in m and "FREEZE_AT" in m for m in dsla_warnings)
     dsla_warnings.clear()
-    _check_fresh_training(load_config(CPU_CONFIG, ["OUTPUT_DIR", str(tmp_path)]),
-                          Namespace(eval_only=False, resume=False, overwrite=False))
+    _warn_frozen_random_backbone(load_config(CPU_CONFIG, ["OUTPUT_DIR", str(tmp_path)]),
+                                 Namespace(eval_only=False, resume=False))
     assert not dsla_warnings  # the CPU configs train from scratch on purpose
 
 

@@ -60,7 +60,7 @@ def test_eval_only_reproduces_final_ap(trained, tiny_shapes, tmp_path):
                 "MODEL.WEIGHTS", str(out / "model_final.pth")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "eval_results.json").read_text())["bbox"]
-    again = json.loads((tmp_path / "eval_results.json").read_text())["bbox"]
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["bbox"]
     assert again == pytest.approx(final, nan_ok=True)
 
 

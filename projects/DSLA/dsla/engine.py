@@ -1,51 +1,41 @@
 """Training / evaluation entry point (``projects/DSLA/train_net.py`` and ``dsla-train``).
 
 A thin layer over detectron2's ``DefaultTrainer``: COCO evaluation, whole-model gradient
-clipping (the authors' recipe), CPU multi-process training, and a few user-facing checks.
+clipping (the authors' recipe), CPU multi-process training, bfloat16 autocast on a CPU,
+checkpoints that record the class names, one run per OUTPUT_DIR, and the checks a user needs.
 """
+import contextlib
 import logging
 import os
+import warnings
 import weakref
 
 import torch
-import torch.distributed as dist
 
-from detectron2.config import CfgNode
+import detectron2.engine.defaults as d2_defaults
 from detectron2.data import MetadataCatalog
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-    default_argument_parser,
-    default_setup,
-    launch,
-)
+from detectron2.engine import DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.modeling import build_model
 from detectron2.solver import get_default_optimizer_params
-from detectron2.solver.build import (
-    _create_gradient_clipper,
-    _generate_optimizer_class_with_gradient_clipping,
-    maybe_add_gradient_clipping,
-)
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from .checkpoint import ClassNames, DSLACheckpointer, checkpoint_files, checkpoint_num_classes
+from .checkpoint import ClassNames, DSLACheckpointer, checkpoint_num_classes
 from .cli import (
-    add_register_coco_argument,
+    argument_parser,
     check_weights,
-    exit_on_user_error,
     load_config,
-    mark_rank_user_error,
+    log_rank_agreement,
     register_datasets,
+    training_cli,
     write_json,
 )
 from .config import head_config_node
 from .cpu_amp import CPUAutocast, uses_cpu_autocast
 from .data import check_num_classes, check_training_data
 from .errors import UserError
+from .run_dir import log_details, open_run, run_folder, setup_terminal_logging
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "cli"]
 
@@ -56,8 +46,7 @@ def _optimizer_class(cfg, optimizer_type):
     """
     ``optimizer_type`` with the gradient clipping of ``SOLVER.CLIP_GRADIENTS``: detectron2's
     per-parameter clipping ("value" / "norm"), or ``"full_model"``: the norm of all gradients
-    together (mmdetection's ``grad_clip``, the authors' recipe) through detectron2's global
-    clipper hook.
+    together (mmdetection's ``grad_clip``, the authors' recipe).
     """
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
@@ -66,11 +55,18 @@ def _optimizer_class(cfg, optimizer_type):
 
 
 def full_model_clipping(optimizer_type, max_norm: float, norm_type: float):
-    """``optimizer_type`` that clips the norm of all gradients together before each step,
-    through detectron2's global clipper hook (shared by the yacs and LazyConfig entries)."""
-    norm = CfgNode({"CLIP_TYPE": "norm", "CLIP_VALUE": max_norm, "NORM_TYPE": norm_type})
-    return _generate_optimizer_class_with_gradient_clipping(
-        optimizer_type, global_clipper=_create_gradient_clipper(norm))
+    """``optimizer_type`` whose ``step`` first clips the norm of all its parameters' gradients
+    together to ``max_norm`` (shared by the yacs and LazyConfig entries); named as detectron2
+    names its clipping optimizers."""
+
+    class OptimizerWithGradientClip(optimizer_type):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    OptimizerWithGradientClip.__name__ = f"{optimizer_type.__name__}WithGradientClip"
+    return OptimizerWithGradientClip
 
 
 def cpu_ddp_model(model, **kwargs):
@@ -79,6 +75,24 @@ def cpu_ddp_model(model, **kwargs):
     if next(model.parameters()).device.type == "cpu":
         kwargs["device_ids"] = None
     return create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _default_trainer_on_a_cpu(cfg):
+    """What ``DefaultTrainer.__init__`` needs to run on a CPU: it wraps the model with
+    ``detectron2.engine.defaults.create_ddp_model``, which pins ``device_ids`` (DDP refuses them
+    for a CPU model): there, that name is :func:`cpu_ddp_model` meanwhile. With ``SOLVER.AMP`` it
+    builds an ``AMPTrainer`` (replaced, see ``Trainer.build_hooks``), whose GradScaler warns that
+    CUDA is missing."""
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = cpu_ddp_model
+    try:
+        with warnings.catch_warnings():
+            if uses_cpu_autocast(cfg):
+                warnings.filterwarnings("ignore", message=".*GradScaler.*")
+            yield
+    finally:
+        d2_defaults.create_ddp_model = original
 
 
 def _training_class_names(cfg):
@@ -92,29 +106,23 @@ class Trainer(DefaultTrainer):
     autocast on a CPU, and checkpoints that record the class names."""
 
     def __init__(self, cfg):
-        # DefaultTrainer's construction, with three changes: DDP on a CPU (gloo) needs
-        # device_ids=None (detectron2 pins a GPU index); SOLVER.AMP on a CPU trains in bfloat16
-        # (dsla.cpu_amp; detectron2's AMPTrainer is CUDA-only); checkpoints go through
-        # DSLACheckpointer.
-        TrainerBase.__init__(self)
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = cpu_ddp_model(model, broadcast_buffers=False)
-        if uses_cpu_autocast(cfg):
-            self._trainer = SimpleTrainer(CPUAutocast(model), data_loader, optimizer)
-        else:
-            step = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-            self._trainer = step(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        with _default_trainer_on_a_cpu(cfg):
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        """DefaultTrainer's hooks. ``DefaultTrainer.__init__`` calls this last, after building its
+        step and checkpointer and before the hooks take them; so here ``SOLVER.AMP`` on a CPU
+        becomes bfloat16 autocast in a SimpleTrainer (dsla.cpu_amp; detectron2's AMPTrainer is
+        CUDA-only), and the checkpointer a DSLACheckpointer (checkpoints record class names)."""
+        if uses_cpu_autocast(self.cfg):
+            step = self._trainer  # detectron2's delegate of model, data_loader and optimizer
+            self._trainer = SimpleTrainer(CPUAutocast(step.model), step.data_loader,
+                                          step.optimizer)
         self.checkpointer = DSLACheckpointer(
-            model, cfg.OUTPUT_DIR, strict=False, trainer=weakref.proxy(self),
-            class_names=ClassNames(_training_class_names(cfg)))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, strict=False,
+            trainer=weakref.proxy(self),
+            class_names=ClassNames(_training_class_names(self.cfg)))
+        return super().build_hooks()
 
     def resume_or_load(self, resume=True):
         """As DefaultTrainer's, but a resumed checkpoint must fit the model exactly: resuming
@@ -135,16 +143,13 @@ class Trainer(DefaultTrainer):
             self.checkpointer.strict = False
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        try:
-            return super().build_train_loader(cfg)
-        except AssertionError as e:
-            # detectron2's filter of images without annotations leaves nothing.
-            if "No valid data found" not in str(e):
-                raise
-            raise UserError(f"No valid training data in {list(cfg.DATASETS.TRAIN)}: no image has "
-                            "a usable box (DATALOADER.FILTER_EMPTY_ANNOTATIONS drops the others)."
-                            ) from None
+    def build_model(cls, cfg):
+        """detectron2's ``build_model``; the model's printout goes to the run's log.txt only."""
+        model = build_model(cfg)
+        log_details("Model", str(model))
+        count = sum(p.numel() for p in model.parameters())
+        logger.info(f"Model: {type(model).__name__}, {count:,} parameters (printed in log.txt)")
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -178,24 +183,20 @@ class Trainer(DefaultTrainer):
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg, model, evaluators=None, output_folder=None):
+        """DefaultTrainer's evaluation on ``DATASETS.TEST``; the results also go to
+        ``eval_results.json`` in ``output_folder`` (default OUTPUT_DIR), which also holds the
+        evaluators' files (``inference/<dataset>/``) when given."""
+        folder = output_folder or cfg.OUTPUT_DIR
+        if evaluators is None and output_folder:
+            evaluators = [cls.build_evaluator(cfg, name, os.path.join(folder, "inference", name))
+                          for name in cfg.DATASETS.TEST]
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and results:
-            path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
+            path = os.path.join(folder, "eval_results.json")
             write_json(path, results)  # NaN APs (absent size ranges) as null
             logger.info(f"Evaluation results written to {path}")
         return results
-
-
-def argument_parser():
-    """detectron2's default parser plus ``--register-coco NAME JSON_FILE IMAGE_ROOT`` and
-    ``--overwrite``."""
-    parser = default_argument_parser()
-    add_register_coco_argument(parser)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train from scratch into an OUTPUT_DIR that holds a previous run's "
-                        "checkpoints (they are replaced as training writes new ones)")
-    return parser
 
 
 def _num_classes_key(cfg):
@@ -222,17 +223,10 @@ def _check_datasets(cfg, args) -> None:
         check_training_data(cfg.DATASETS.TRAIN)
 
 
-def _check_fresh_training(cfg, args) -> None:
-    """A new training must not silently replace a previous run's checkpoints; a backbone
-    trained with frozen layers needs weights to freeze."""
-    if args.eval_only or args.resume or args.overwrite:
+def _warn_frozen_random_backbone(cfg, args) -> None:
+    """A backbone trained with frozen layers needs weights to freeze."""
+    if args.eval_only or args.resume:
         return
-    previous = checkpoint_files(cfg.OUTPUT_DIR)
-    if previous:
-        raise UserError(
-            f"OUTPUT_DIR {cfg.OUTPUT_DIR} already holds a training run "
-            f"({os.path.basename(previous[-1])}): pass --resume to continue it, set OUTPUT_DIR "
-            "to a new folder, or pass --overwrite to start over there.")
     frozen = cfg.MODEL.BACKBONE.FREEZE_AT > 0 or cfg.MODEL.RESNETS.NORM == "FrozenBN"
     if not cfg.MODEL.WEIGHTS and frozen:
         logger.warning(
@@ -242,28 +236,40 @@ def _check_fresh_training(cfg, args) -> None:
             "weights as MODEL.WEIGHTS.")
 
 
+def _check_batch_and_input(cfg) -> None:
+    """Values detectron2 only asserts on, deep in building the data loader."""
+    batch, world = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
+    if batch <= 0 or batch % world:
+        raise UserError(f"SOLVER.IMS_PER_BATCH = {batch}: the total batch size must be a positive "
+                        f"multiple of the number of processes ({world}).")
+    sampling, sizes = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, cfg.INPUT.MIN_SIZE_TRAIN
+    if sampling not in ("choice", "range"):
+        raise UserError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING = {sampling!r}: use 'choice' or 'range'.")
+    if sampling == "range" and len(sizes) != 2:
+        raise UserError(f"INPUT.MIN_SIZE_TRAIN = {tuple(sizes)} with INPUT.MIN_SIZE_TRAIN_SAMPLING "
+                        "'range' needs two sizes (smallest, largest).")
+
+
 def setup(args):
-    """Config from ``args`` (defaults, DSLA keys, yaml, ``KEY VALUE`` overrides), logging, datasets."""
+    """
+    Config from ``args`` (defaults, DSLA keys, yaml, ``KEY VALUE`` overrides), datasets and the
+    checks; then the run's folder (OUTPUT_DIR; ``--eval-only``: OUTPUT_DIR/eval): its lock, log
+    and config.yaml. A run refused by a check writes nothing there.
+    """
+    setup_terminal_logging()
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    # detectron2 sets up its own loggers only; ours (and dsla.data's warnings) go to the same log.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dsla", abbrev_name="dsla")
     register_datasets(args)
+    if not args.eval_only:
+        _check_batch_and_input(cfg)
     _check_datasets(cfg, args)
-    _check_fresh_training(cfg, args)
+
+    def save_config(path):
+        with open(path, "w") as f:
+            f.write(cfg.dump())
+
+    open_run(cfg.OUTPUT_DIR, args, save_config, cfg.SEED, cfg.CUDNN_BENCHMARK)
+    _warn_frozen_random_backbone(cfg, args)
     return cfg
-
-
-def _log_rank_agreement(model):
-    """After distributed training every rank must hold the same weights; say so in the log."""
-    if comm.get_world_size() == 1:
-        return
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    sums = comm.all_gather(checksum)
-    if comm.is_main_process():
-        same = all(s == sums[0] for s in sums)
-        log = logger.info if same else logger.error
-        log(f"Parameter checksums of the {len(sums)} ranks: {sums} ({'equal' if same else 'DIFFER'})")
 
 
 def _eval_weights(cfg, args, checkpointer) -> str:
@@ -288,51 +294,18 @@ def main(args):
         model = Trainer.build_model(cfg)
         checkpointer = DSLACheckpointer(model, save_dir=cfg.OUTPUT_DIR)  # strict: no random head
         checkpointer.load(_eval_weights(cfg, args, checkpointer))
-        results = Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model, output_folder=run_folder(cfg.OUTPUT_DIR, True))
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
-    _log_rank_agreement(trainer.model)
-    return results
-
-
-def leave_process_group() -> None:
-    """Wait for every rank, then destroy the process groups (no-op without an initialised one).
-
-    Left to interpreter shutdown, gloo's worker threads can outlive Python and abort a rank
-    ("terminate called without an active exception", pytorch/pytorch#190489); detectron2's
-    ``launch`` does not destroy them. Called only after this rank succeeded. If another rank
-    failed, the barrier fails too (gloo: "Connection closed by peer" within seconds) or, with
-    NCCL across machines, waits up to the process group's timeout (``launch``: 30 minutes):
-    the price of never destroying a group that a peer still uses. On one machine ``launch``
-    ends the waiting ranks as soon as one fails, and reports the first failure it sees."""
-    if dist.is_available() and dist.is_initialized():
-        comm.synchronize()
-        dist.destroy_process_group()
-
-
-def run_then_leave_group(main_func, args):
-    """``main_func(args)``, then :func:`leave_process_group`: what ``launch`` runs per rank. In a
-    multi-process run a :class:`UserError` is re-raised marked, so that the parent process (which
-    only gets the rank's traceback text) can still end with the one-line message."""
-    try:
-        results = main_func(args)
-    except UserError as e:
-        if comm.get_world_size() == 1 or os.environ.get("DSLA_TRACEBACK"):
-            raise
-        raise mark_rank_user_error(e) from e
-    leave_process_group()
+    log_rank_agreement(trainer.model)
     return results
 
 
 def cli(argv=None):
     """Command-line entry point: parse, then ``launch`` one process per device. A
     :class:`UserError` ends with one line; any other exception keeps its traceback."""
-    args = argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    with exit_on_user_error():
-        return launch(run_then_leave_group, args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(main, args))
+    return training_cli(main, argv)

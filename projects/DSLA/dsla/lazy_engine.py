@@ -3,8 +3,11 @@
 detectron2's ``tools/lazyconfig_train_net.py`` for the Python configs under ``configs/lazy/``, with
 what the yacs entry (:mod:`dsla.engine`, the reference) adds: whole-model gradient clipping
 (``train.grad_clip``), bfloat16 autocast on a CPU (``train.amp.enabled`` with ``train.device:
-cpu``), CPU multi-process training, ``eval_results.json``, ``--register-coco`` and the checks a
-user needs (config file, overrides, weights, number of classes), each ending in one line.
+cpu``), CPU multi-process training, ``eval_results.json``, ``--register-coco``, one run per
+output folder (:mod:`dsla.run_dir`; ``--eval-only`` writes into its ``eval`` subfolder) and the
+checks a user needs (config file, overrides, weights, number of classes, training data), each
+ending in one line. The command line itself is :func:`dsla.cli.training_cli`, as for the yacs
+entry.
 
     dsla-lazy-train --config-file configs/lazy/Shapes/dsla_R_18_FPN_cpu.py
     dsla-lazy-train --config-file CFG.py --eval-only train.init_checkpoint=model_final.pth
@@ -21,25 +24,24 @@ from omegaconf import OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.registry import locate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from .cli import exit_on_user_error, write_json
 from .checkpoint import DSLACheckpointer
+from .cli import (
+    check_options_first,
+    check_weights,
+    log_rank_agreement,
+    register_datasets,
+    training_cli,
+    write_json,
+)
 from .cpu_amp import CPUAutocast
-from .data import check_num_classes, register_coco_dataset
-from .engine import _log_rank_agreement, cpu_ddp_model, full_model_clipping, run_then_leave_group
-from .engine import argument_parser
+from .data import check_num_classes, check_training_data
+from .engine import cpu_ddp_model, full_model_clipping
 from .errors import UserError
+from .run_dir import log_details, open_run, run_folder, setup_terminal_logging
 
 __all__ = ["load_lazy_config", "setup", "do_test", "do_train", "main", "cli"]
 
@@ -66,6 +68,7 @@ def load_lazy_config(config_file, overrides):
     if not config_file.endswith(".py"):
         raise UserError(f"{config_file}: dsla-lazy-train reads Python LazyConfigs (.py); "
                         "yacs configs (.yaml) run with dsla-train / projects/DSLA/train_net.py")
+    check_options_first(overrides)
     cfg = LazyConfig.load(config_file)
     if "model" not in cfg or "train" not in cfg:
         raise UserError(f"{config_file} defines no `model` and `train`: not a DSLA LazyConfig")
@@ -85,31 +88,37 @@ def load_lazy_config(config_file, overrides):
     return cfg
 
 
-def _dataset_names(cfg):
-    """Names of the datasets the config's loaders read (train, then test)."""
-    names = []
-    for split in ("train", "test"):
-        loader = cfg.get("dataloader", {}).get(split)
-        if loader is not None and "names" in loader.get("dataset", {}):
-            value = loader.dataset.names
-            names += [value] if isinstance(value, str) else list(value)
-    return names
+def _dataset_names(cfg, split):
+    """Names of the datasets the config's ``split`` ("train", "test") loader reads."""
+    loader = cfg.get("dataloader", {}).get(split)
+    if loader is None or "names" not in loader.get("dataset", {}):
+        return []
+    value = loader.dataset.names
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_datasets(cfg, args) -> None:
+    """The class count of the datasets, and for training that there is data to train on."""
+    train, test = _dataset_names(cfg, "train"), _dataset_names(cfg, "test")
+    if "num_classes" in cfg.model:
+        try:
+            check_num_classes(cfg.model.num_classes, test if args.eval_only else train + test)
+        except ValueError as e:
+            raise UserError(f"model.num_classes = {cfg.model.num_classes}: {e}") from None
+    if train and not args.eval_only:
+        check_training_data(train)
 
 
 def setup(args):
-    """Config from ``args`` (file, overrides), logging, ``--register-coco`` datasets, checks."""
+    """Config from ``args`` (file, overrides), ``--register-coco`` datasets and the checks; then
+    the run's folder (train.output_dir; ``--eval-only``: its ``eval`` subfolder): its lock, log
+    and config.yaml, as with the yacs entry."""
+    setup_terminal_logging()
     cfg = load_lazy_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    # detectron2 sets up its own loggers only; ours (and dsla.data's warnings) go to the same log.
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dsla",
-                 abbrev_name="dsla")
-    for name, json_file, image_root in args.register_coco:
-        register_coco_dataset(name, json_file, image_root)
-    if "num_classes" in cfg.model:
-        try:
-            check_num_classes(cfg.model.num_classes, _dataset_names(cfg))
-        except ValueError as e:
-            raise UserError(f"model.num_classes = {cfg.model.num_classes}: {e}") from None
+    register_datasets(args)
+    _check_datasets(cfg, args)
+    open_run(cfg.train.output_dir, args, lambda path: LazyConfig.save(cfg, path),
+             cfg.train.get("seed", -1), cfg.train.get("cudnn_benchmark", False))
     return cfg
 
 
@@ -157,7 +166,7 @@ def do_train(args, cfg):
     """Train ``cfg.model`` as detectron2's ``lazyconfig_train_net.py`` does (same hooks), then
     evaluate; ``--resume`` continues from the last checkpoint in ``train.output_dir``."""
     model = instantiate(cfg.model)
-    logger.info(f"Model:\n{model}")
+    log_details("Model", str(model))
     model.to(cfg.train.device)
     trainer, ddp = _build_trainer(cfg, model)
     # The bare model: checkpoints keep the key names of the yacs entry's.
@@ -176,41 +185,29 @@ def do_train(args, cfg):
     # The checkpoint stores the iteration that just finished.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
-    _log_rank_agreement(model)
-
-
-def _check_weights(weights):
-    """Refuse to evaluate silently random weights."""
-    if not weights:
-        raise UserError("--eval-only needs trained weights: pass "
-                        "train.init_checkpoint=/path/to/model.pth")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise UserError(f"train.init_checkpoint file not found: {weights}")
+    log_rank_agreement(model)
 
 
 def main(args):
     cfg = setup(args)
     if not args.eval_only:
         return do_train(args, cfg)
-    _check_weights(cfg.train.init_checkpoint)
+    check_weights(cfg.train.init_checkpoint, "--eval-only", key="train.init_checkpoint",
+                  assign="=")
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     # Strict, like the yacs entry: a checkpoint that does not fit (e.g. another class count)
     # stops with one line instead of evaluating a randomly initialised head.
     DSLACheckpointer(model, save_dir=cfg.train.output_dir, strict=True).resume_or_load(
         cfg.train.init_checkpoint, resume=args.resume)
+    cfg.train.output_dir = run_folder(cfg.train.output_dir, True)  # results, detections
     return do_test(cfg, cpu_ddp_model(model))
 
 
 def cli(argv=None):
-    """Command-line entry point: parse (the yacs entry's arguments), then ``launch`` one process
-    per device."""
-    args = argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    # A user error (bad config file, override or value) ends with one line, not a traceback.
-    with exit_on_user_error():
-        return launch(run_then_leave_group, args.num_gpus, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(main, args))
+    """Command-line entry point: the yacs entry's arguments, ``launch`` one process per device;
+    a user error ends in one line."""
+    return training_cli(main, argv)
 
 
 if __name__ == "__main__":
