@@ -26,10 +26,12 @@ from dsla.checkpoint import (
 )
 from dsla.cli import load_config
 from dsla.convert import RELEASED_MODELS, describe_checkpoint, model_shapes, released_model
-from dsla.data import SHAPES_CLASSES
+from dsla.data import STYLES
 from dsla.errors import UserError
 from dsla.tools import convert_mmdet_weights
 from mmdet_reference import r50_layout, r101_dcn_layout, random_state_dict, swin_s_layout
+
+SHAPES_CLASSES = STYLES["standard"].classes  # the classes of the tiny shapes splits
 
 TRAIN_NET = os.path.join(REPO, "projects", "DSLA", "train_net.py")
 NUM_CLASSES = len(SHAPES_CLASSES)

@@ -1,13 +1,14 @@
 """
-Inference with the authors' converted R-101 2x multi-scale DCN weights (46.6 box AP,
+Inference with the authors' released R-101 2x multi-scale DCN weights (46.6 box AP,
 docs/MODEL_ZOO.md), as configs/COCO-Detection/dsla_R_101_FPN_dcn_ms_2x_mmdet.yaml (the
 reference): pytorch-style ResNet-101 (stride in the 3x3 conv) with frozen BN and DCNv1 in
 res3-res5 (dsla's DeformBottleneck); RGB input normalised by the ImageNet mean / std; head with
 DCNv2 last tower convs, conv biases and relu(scale * x) * stride distances; test at 800 px.
-Inference only (the training recipe is the yacs config). Pass the converted file:
+Inference only (the training recipe is the yacs config). Pass the authors' file as it is (or a
+converted one):
 
     dsla-lazy-train --config-file configs/lazy/COCO-Detection/dsla_R_101_FPN_dcn_ms_2x_mmdet.py \\
-        --eval-only train.init_checkpoint=/path/to/converted.pth
+        --eval-only train.init_checkpoint=/path/to/file.pth
 """
 from ..common.models import model
 from ..common.train import dataloader, train
