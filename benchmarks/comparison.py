@@ -404,7 +404,7 @@ def schedule_text(groups: Dict, dataset: str, schedule: str) -> str:
     """One dataset at one judged schedule: detectors, paired differences, check, verdicts."""
     factor, long = float(schedule[1:]), SCHEDULES[schedule]
     train, test = DATASETS[dataset]
-    text = f"\n### `{train}` → `{test}`, {schedule[1:]}× the recipe's schedule\n\n"
+    text = f"\n#### `{train}` → `{test}`, {schedule[1:]}× the recipe's schedule\n\n"
     text += model_table({m: groups[(dataset, m, factor)] for m in MAIN_MODELS
                          if (dataset, m, factor) in groups})
     rows = [[f"{a} − {b}", ", ".join(f"seed {s}: {d:+.1f}" for s, d in p.items()),
