@@ -14,15 +14,13 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    REPO, RESULTS_DIR, atomic_write, display_path, log, markdown_table,
-)
+from common import REPO, RESULTS_DIR, atomic_write, display_path, log, markdown_table  # noqa
 
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 README = os.path.join(REPO, "README.md")
 RENDERED = ("comparison", "speed", "assignment")
 COPIED = ("stages", "onnx_speed")
-NOT_RUN = "_Not run yet: its command is in the protocol below._\n"
+NOT_RUN = "_Not run yet: `benchmarks/{name}.py` writes this table (`results/{name}.md`)._\n"
 
 
 def render(name: str, results_dir: str = RESULTS_DIR) -> str:
@@ -32,7 +30,7 @@ def render(name: str, results_dir: str = RESULTS_DIR) -> str:
         with open(os.path.join(results_dir, f"{name}.json")) as f:
             atomic_write(md_path, __import__(name).render_markdown(json.load(f)))
     if not os.path.isfile(md_path):
-        return NOT_RUN
+        return NOT_RUN.format(name=name)
     with open(md_path) as f:
         return f.read()
 
@@ -42,6 +40,7 @@ def summary_table(result: dict) -> str:
     from comparison import DATASETS, MAIN_MODELS, MODELS, group_runs, metric_of, spread
 
     groups, cells = group_runs(result["runs"]), [(d, k) for k in ("AP", "lost") for d in DATASETS]
+
     def mean(d, m, k):
         return spread(metric_of(r, k) for r in groups[(d, m, 3.0)].values())["mean"]
 
@@ -65,7 +64,7 @@ def fill(doc: str, sections: dict) -> None:
         text = re.sub(rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:"
                       rf"{re.escape(name)} -->)", lambda m: m.group(1) + body + m.group(2),
                       text, flags=re.DOTALL)
-    if text != old:
+    if text != old:  # an unchanged file is not rewritten
         atomic_write(doc, text)
     log(f"{display_path(doc)}: {'updated' if text != old else 'unchanged'}")
 

@@ -219,5 +219,5 @@ def test_docs_get_each_table_between_its_markers_with_plot_links_fixed(tmp_path,
     update_docs.fill(str(doc), {n: update_docs.render(n, str(results)) for n in update_docs.COPIED})
     assert doc.read_text() == (
         "x\n<!-- results:stages -->\n| a |\n![p](../results/stages_x1.5.png)\n"
-        "<!-- /results:stages -->\n<!-- results:onnx_speed -->\n" + update_docs.NOT_RUN
-        + "<!-- /results:onnx_speed -->\ny\n")
+        "<!-- /results:stages -->\n<!-- results:onnx_speed -->\n" + update_docs.NOT_RUN.format(
+            name="onnx_speed") + "<!-- /results:onnx_speed -->\ny\n")
