@@ -221,3 +221,24 @@ def test_docs_get_each_table_between_its_markers_with_plot_links_fixed(tmp_path,
         "x\n<!-- results:stages -->\n| a |\n![p](../results/stages_x1.5.png)\n"
         "<!-- /results:stages -->\n<!-- results:onnx_speed -->\n" + update_docs.NOT_RUN.format(
             name="onnx_speed") + "<!-- /results:onnx_speed -->\ny\n")
+
+
+def test_the_committed_tables_are_what_the_committed_json_gives(tmp_path, monkeypatch):
+    # What `benchmarks/update_docs.py` then `git diff --exit-code docs` checks, without writing.
+    results, docs = tmp_path / "benchmarks" / "results", tmp_path / "docs"
+    results.mkdir(parents=True), docs.mkdir()
+    for name in update_docs.RENDERED + update_docs.COPIED:
+        for ext in ("json", "md"):
+            path = os.path.join(comparison.RESULTS_DIR, f"{name}.{ext}")
+            if os.path.isfile(path):
+                (results / f"{name}.{ext}").write_text(open(path).read())
+    with open(update_docs.DOC) as f:
+        committed = f.read()
+    (docs / "BENCHMARKS.md").write_text(committed)
+    monkeypatch.setattr(update_docs, "RESULTS_DIR", str(results))
+    update_docs.fill(str(docs / "BENCHMARKS.md"), {
+        n: update_docs.render(n, str(results)) for n in update_docs.RENDERED + update_docs.COPIED})
+    assert (docs / "BENCHMARKS.md").read_text() == committed
+    for name in update_docs.RENDERED:
+        with open(os.path.join(comparison.RESULTS_DIR, f"{name}.md")) as f:
+            assert (results / f"{name}.md").read_text() == f.read(), name
