@@ -10,6 +10,8 @@ import platform
 import time
 from typing import Dict, Iterable, Optional, Sequence
 
+import torch
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -30,8 +32,6 @@ def cpu_model() -> str:
 
 def machine_info(device: str = "cpu") -> Dict:
     """CPU, cores, load (other jobs inflate timings), versions, threads, GPU if used, date."""
-    import torch
-
     import detectron2
 
     info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
@@ -90,7 +90,5 @@ def thread_env(threads: Optional[int]) -> Dict[str, str]:
 
 def set_threads(threads: Optional[int]) -> None:
     """Pin this process's torch intra-op threads (``None``: leave torch's default)."""
-    import torch
-
     if threads:
         torch.set_num_threads(threads)

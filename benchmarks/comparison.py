@@ -204,14 +204,17 @@ def train(spec: Dict, threads: Optional[int]) -> bool:
 
 
 def train_and_analyse(spec: Dict, threads: Optional[int]) -> Optional[Dict]:
-    """The run's record for comparison.json, or None if its training failed."""
+    """The run's record for comparison.json (kept in its cache until the report stores it), or
+    None if its training failed."""
     if not train(spec, threads):
         return None
-    record = {**{k: spec[k] for k in (*RUN_KEYS, "config_hash", "opts")},
-              "config": display_path(spec["config"]), **analyse_run(spec)}
-    cache = write_cache(spec, status="analysed")
-    log(f"done {run_name(spec)}")
-    return {**record, **{k: cache[k] for k in ("trained_on", "threads", "train")}}
+    if "record" not in read_cache(spec):
+        write_cache(spec, status="analysed", record={
+            **{k: spec[k] for k in (*RUN_KEYS, "config_hash", "opts")},
+            "config": display_path(spec["config"]), **analyse_run(spec)})
+        log(f"done {run_name(spec)}")
+    cache = read_cache(spec)
+    return {**cache["record"], **{k: cache[k] for k in ("trained_on", "threads", "train")}}
 
 
 def analyse_run(spec: Dict) -> Dict:

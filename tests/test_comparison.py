@@ -242,3 +242,18 @@ def test_the_committed_tables_are_what_the_committed_json_gives(tmp_path, monkey
     for name in update_docs.RENDERED:
         with open(os.path.join(comparison.RESULTS_DIR, f"{name}.md")) as f:
             assert (results / f"{name}.md").read_text() == f.read(), name
+
+
+def test_an_analysed_run_is_not_analysed_again_before_the_report_stores_it(tmp_path, monkeypatch):
+    # An interrupted invocation leaves finished runs in the cache only: the next one reuses them.
+    spec = comparison.run_spec("shapes", "dsla", 0, 0.01, str(tmp_path / "runs"))
+    comparison.write_cache(spec, status="analysed", trained_on=["cpu"], threads=1,
+                           train={"cpu_s": 1.0}, record={"bbox": {"AP": 50.0}})
+
+    def analyse(spec):
+        raise AssertionError("analysed again")
+
+    monkeypatch.setattr(comparison, "analyse_run", analyse)
+    record = comparison.train_and_analyse(spec, threads=1)
+    assert record == {"bbox": {"AP": 50.0}, "trained_on": ["cpu"], "threads": 1,
+                      "train": {"cpu_s": 1.0}}
