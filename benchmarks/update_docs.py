@@ -1,55 +1,80 @@
-"""Copy the benchmark tables (``benchmarks/results/<name>.md``) into docs/BENCHMARKS.md and the
-README (which carries the comparison only).
-
-A doc marks each table's place with ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``;
-the text between the markers is replaced by the current ``<name>.md`` (a benchmark that has not
-been run keeps a "not run yet" note). ``run_all.py`` calls this at the end.
+"""Re-render every benchmark table from its committed JSON and put it into docs/BENCHMARKS.md.
 
     python benchmarks/update_docs.py
+
+``comparison``, ``speed``, ``assignment``: ``results/<name>.md`` is rendered again from
+``results/<name>.json`` (no config loaded, no model built) and copied between the doc's
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``stages``, ``onnx_speed``: their
+``results/<name>.md`` is copied where it exists. README.md gets only its ``results:summary``
+section, if any: the four detectors' mean over seeds at 3× the schedule (comparison.json).
 """
+import json
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, RESULTS_DIR, display_path, log  # noqa: E402
+from common import REPO, RESULTS_DIR, atomic_write, display_path, log, markdown_table  # noqa
 
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 README = os.path.join(REPO, "README.md")
-SECTIONS = ("comparison", "investigation_shapes_x1", "investigation_shapes_x1.5",
-            "investigation_shapes_x3", "investigation_shapes_x4.5",
-            "investigation_crowded_x1", "investigation_crowded_x1.5", "investigation_crowded_x3",
-            "speed", "assignment")
-NOT_RUN = "_Not run yet: run the command above; its table lands here._\n"
+RENDERED = ("comparison", "speed", "assignment")
+COPIED = ("stages", "onnx_speed")
+NOT_RUN = "_Not run yet: `benchmarks/{name}.py` writes this table (`results/{name}.md`)._\n"
 
 
-def section_text(name: str, results_dir: str = RESULTS_DIR, doc: str = DOC) -> str:
-    """The Markdown table of one benchmark, with image links made relative to ``doc``."""
-    path = os.path.join(results_dir, f"{name}.md")
-    if not os.path.isfile(path):
-        return NOT_RUN
-    with open(path) as f:
-        text = f.read()
-    # comparison.md links its plots relative to results/; the doc lives elsewhere.
-    rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(doc)))
-    return re.sub(r"\]\(([a-zA-Z0-9_.]+\.png)\)", rf"]({rel}/\1)", text)
+def render(name: str, results_dir: str = RESULTS_DIR) -> str:
+    """``<name>.md``, rendered again from ``<name>.json`` first where a renderer exists."""
+    md_path = os.path.join(results_dir, f"{name}.md")
+    if name in RENDERED:
+        with open(os.path.join(results_dir, f"{name}.json")) as f:
+            atomic_write(md_path, __import__(name).render_markdown(json.load(f)))
+    if not os.path.isfile(md_path):
+        return NOT_RUN.format(name=name)
+    with open(md_path) as f:
+        return f.read()
 
 
-def update_docs(results_dir: str = RESULTS_DIR, doc: str = DOC) -> None:
-    """Replace every marked section of ``doc`` with the current results."""
+def summary_table(result: dict) -> str:
+    """The four detectors at 3×: mean over seeds of AP and of the IoU lost in NMS, per dataset."""
+    from comparison import DATASETS, MAIN_MODELS, MODELS, group_runs, metric_of, spread
+
+    groups, cells = group_runs(result["runs"]), [(d, k) for k in ("AP", "lost") for d in DATASETS]
+
+    def mean(d, m, k):
+        return spread(metric_of(r, k) for r in groups[(d, m, 3.0)].values())["mean"]
+
+    rows = [[MODELS[m][2]] + [f"{mean(d, m, k):.{1 if k == 'AP' else 3}f}" for d, k in cells]
+            for m in MAIN_MODELS]
+    seeds = ", ".join(f"`{d}` {len(groups[(d, 'dsla', 3.0)])}" for d in DATASETS)
+    return (markdown_table(["detector"] + [f"`{d}` {'AP' if k == 'AP' else 'NMS IoU lost'}"
+                                           for d, k in cells], rows)
+            + f"\nBox AP and mean IoU lost in NMS; mean over seeds ({seeds}) at 3× the "
+            "recipe's schedule.\n")
+
+
+def fill(doc: str, sections: dict) -> None:
+    """Replace the text between each section's markers in ``doc`` (markers absent: skipped)."""
     with open(doc) as f:
-        text = f.read()
-    for name in SECTIONS:
-        pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?"
-                             rf"(<!-- /results:{re.escape(name)} -->)",
-                             re.DOTALL)
-        body = section_text(name, results_dir, doc)
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-    with open(doc, "w") as f:
-        f.write(text)
-    log(f"updated {display_path(doc)}")
+        text = old = f.read()
+    rel = os.path.relpath(RESULTS_DIR, os.path.dirname(doc))
+    for name, body in sections.items():
+        # Result files link their plots relative to results/; the doc lives elsewhere.
+        body = re.sub(r"\]\(([a-zA-Z0-9_.]+\.png)\)", rf"]({rel}/\1)", body)
+        text = re.sub(rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:"
+                      rf"{re.escape(name)} -->)", lambda m: m.group(1) + body + m.group(2),
+                      text, flags=re.DOTALL)
+    if text != old:  # an unchanged file is not rewritten
+        atomic_write(doc, text)
+    log(f"{display_path(doc)}: {'updated' if text != old else 'unchanged'}")
+
+
+def main() -> int:
+    fill(DOC, {name: render(name) for name in RENDERED + COPIED})
+    with open(os.path.join(RESULTS_DIR, "comparison.json")) as f:
+        fill(README, {"summary": summary_table(json.load(f))})
+    return 0
 
 
 if __name__ == "__main__":
-    update_docs()
-    update_docs(doc=README)  # only the sections the README marks
+    sys.exit(main())

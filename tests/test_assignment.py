@@ -1,14 +1,11 @@
 """
 Tests for dsla.assignment (docs/METHOD.md, "Smooth label assignment"): a hand-computed case for
 every assignment rule, then exact agreement with the unchunked computation and with the
-loop-and-sort reference in benchmarks/reference_assignment.py.
+loop-and-sort reference in tests/reference_assignment.py.
 
 Most cases use one point and one box centred on it: l = r and t = b make the centerness exactly 1,
 so the score isolates the rule under test.
 """
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -21,7 +18,6 @@ from dsla.assignment import (
 )
 from dsla.points import grid_points
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 3
 BACKGROUND = NUM_CLASSES
 STRIDES = [8, 16, 32, 64, 128]
@@ -31,11 +27,9 @@ PLAIN = dict(relaxation_factor=0.0, core_zone=False)
 
 
 def _reference():
-    path = os.path.join(REPO, "benchmarks", "reference_assignment.py")
-    spec = importlib.util.spec_from_file_location("reference_assignment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_assign_smooth_labels
+    from reference_assignment import reference_assign_smooth_labels
+
+    return reference_assign_smooth_labels
 
 
 def assign(points, boxes, classes=None, stride=8, level=(0, 64), **options):
@@ -409,16 +403,3 @@ def test_pairwise_smooth_labels_agree_with_assignment():
                                             torch.zeros(40, dtype=torch.long), 3, **options)
         assert torch.equal(q.max(dim=0).values, scores)
     assert pairwise_smooth_labels(points, strides, ranges, boxes[:0]).shape == (0, len(points))
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
-def test_benchmark_rss_check_measures_the_call():
-    """benchmarks/assignment.py --rss-check: the loop-and-sort reference, which holds tens of MB
-    of per-box tensors at G = 100, must show a larger peak-RSS increase than the vectorised call,
-    each measured in a fresh process (the ``--rss-child`` command line the check runs). Reading
-    the current RSS instead of its peak after the call gives ~0.2 MB for both and fails here."""
-    import assignment as bench  # benchmarks/assignment.py (conftest puts benchmarks/ on the path)
-
-    reference = bench.child_rss_increase_mb("reference", 100, threads=1)
-    vectorised = bench.child_rss_increase_mb("vectorised", 100, threads=1)
-    assert 0 <= vectorised < 0.5 * reference, (vectorised, reference)

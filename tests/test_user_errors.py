@@ -350,39 +350,6 @@ def test_dsla_constructor_checks_its_arguments():
         DSLA(**kwargs)
 
 
-def test_consistency_benchmark_names_a_run_without_detections(tmp_path):
-    """A run directory without its final evaluation's detections: one line naming the file."""
-    import consistency  # benchmarks/consistency.py (conftest puts benchmarks/ on the path)
-
-    with pytest.raises(SystemExit) as err:
-        consistency.main([str(tmp_path / "seed0"), "--name", "dsla",
-                          "--output-dir", str(tmp_path / "out")])
-    message = str(err.value)
-    assert "\n" not in message
-    assert os.path.join("seed0", "inference", "shapes_val", "coco_instances_results.json") in message
-    assert not (tmp_path / "out").exists()  # nothing written for a bad input
-
-
-def test_consistency_benchmark_keeps_runs_with_the_same_directory_name(tmp_path, monkeypatch):
-    """shapes/dsla/seed1_x3 and crowded/dsla/seed1_x3: both analysed, labelled by their paths."""
-    import consistency
-
-    dirs = [tmp_path / dataset / "dsla" / "seed1_x3" for dataset in ("shapes", "crowded")]
-    for d in dirs:
-        detections = d / "inference" / "shapes_val" / "coco_instances_results.json"
-        detections.parent.mkdir(parents=True)
-        detections.write_text("[]")
-    seen = {}
-
-    def fake_analyze(name, runs, results_dir, dataset_name):
-        seen.update(runs)
-        return {"runs": {}, "plot": "p.png"}
-
-    monkeypatch.setattr(consistency, "analyze_model", fake_analyze)
-    consistency.main([*map(str, dirs), "--name", "dsla", "--output-dir", str(tmp_path / "out")])
-    assert sorted(seen.values()) == sorted(map(str, dirs))
-
-
 def test_resume_from_another_models_checkpoint_is_refused(shapes, finished_run, tmp_path):
     """An OUTPUT_DIR holding a run of another class count (e.g. an old `make demo` output) is
     not resumed with a re-initialised head: one line naming the file and both class counts, and

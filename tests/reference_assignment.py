@@ -6,7 +6,8 @@ It follows the way mmdetection target code is usually written: one pass per grou
 builds a column of the full [P, G] smooth-label matrix, and the per-point choice is resolved by
 sorting the boxes by area and taking the first maximum. It is slow and memory-hungry on purpose
 (readable first); ``tests/test_assignment.py`` checks the vectorised version against it exactly,
-and ``benchmarks/assignment.py`` times the vectorised version against it.
+and ``benchmarks/assignment.py`` times the vectorised version against it (it puts tests/ on
+its path for this module).
 
 Shape letters: P = points, G = ground-truth boxes.
 """
