@@ -153,7 +153,7 @@ def test_eval_only_with_the_mmdet_config(name, files, tiny_shapes, tmp_path):
                 *SMALL_TEST, "MODEL.WEIGHTS", files[name][0], "OUTPUT_DIR", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"mmdetection checkpoint of the released {name} layout" in proc.stdout
-    assert "AP" in (tmp_path / "eval_results.json").read_text()
+    assert "AP" in (tmp_path / "eval" / "eval_results.json").read_text()  # --eval-only writes into eval/
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -169,7 +169,7 @@ def test_eval_only_with_the_lazy_config(name, files, tiny_shapes, tmp_path):
                 "dataloader.test.num_workers=0", f"train.output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"mmdetection checkpoint of the released {name} layout" in proc.stdout
-    assert "AP" in (tmp_path / "eval_results.json").read_text()
+    assert "AP" in (tmp_path / "eval" / "eval_results.json").read_text()  # --eval-only writes into eval/
 
 
 # ---------------------------------------------------------------------------------------------
