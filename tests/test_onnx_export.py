@@ -49,11 +49,12 @@ def export_to(model, cfg, path, size=(128, 160)):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def assert_same_detections(model, session, image):
+def assert_same_detections(model, session, image, minimum=10):
+    """onnxruntime's detections on ``image [3, H, W]`` equal eager's; returns their number."""
     with torch.no_grad():
         eager = model([{"image": image}])[0]["instances"]
     boxes, scores, classes = deploy.run_onnx(session, image)
-    assert len(eager) > 10, "too few detections for a meaningful comparison"
+    assert len(eager) >= minimum, "too few detections for a meaningful comparison"
     assert len(scores) == len(eager)
     assert torch.equal(classes, eager.pred_classes)
     assert (boxes - eager.pred_boxes.tensor).abs().max() <= BOX_TOL
