@@ -125,6 +125,18 @@ def test_r50_authors_layout_onnxruntime_equals_eager(tmp_path):
     assert_same_detections(model, session, image)
 
 
+SWIN_CONFIG = os.path.join(REPO, "configs", "COCO-Detection", "dsla_Swin_S_FPN_ms_3x_mmdet.yaml")
+
+
+def test_swin_stops_with_one_line_naming_the_part(tmp_path):
+    """Swin-S without its DCN head still has the size-bound window attention."""
+    cfg = tiny_cfg("MODEL.WEIGHTS", "", "MODEL.DSLA.DCN_ON_LAST_CONV", "False",
+                   "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", config_file=SWIN_CONFIG)
+    with pytest.raises(UserError, match="SwinTransformer \\(module backbone.bottom_up\\)"):
+        export_to(build_model(cfg).eval(), cfg, tmp_path / "swin.onnx")
+    assert not (tmp_path / "swin.onnx").exists()
+
+
 def test_dcn_stops_with_one_line_naming_the_operator(tmp_path):
     cfg = tiny_cfg("MODEL.DSLA.DCN_ON_LAST_CONV", "True")
     model = build_model(cfg).eval()
@@ -235,3 +247,36 @@ def test_example_without_onnxruntime_says_what_to_install(exported):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: this example needs onnxruntime: pip install onnxruntime"
+
+
+# ----------------------------------------------------------------------------------------------
+# dsla-export, either format: never replaces an earlier export, never generates data.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_export_refuses_a_non_empty_output_folder(exported, tmp_path):
+    weights, image, _ = exported
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "model.ts").write_text("an earlier export")
+    with pytest.raises(SystemExit) as e:
+        export_model.main(["--config-file", CPU_CONFIG, "--output", str(out),
+                           "--sample-image", image, "MODEL.WEIGHTS", weights])
+    assert "--overwrite" in str(e.value.code) and str(out) in str(e.value.code)
+    assert (out / "model.ts").read_text() == "an earlier export"
+
+
+def test_export_without_sample_image_never_generates_data(exported, tmp_path):
+    from dsla.data import register_shapes_datasets
+
+    weights, _, _ = exported
+    register_shapes_datasets(root=str(tmp_path / "shapes"))  # DATASETS.TEST[0]: not generated
+    try:
+        with pytest.raises(SystemExit) as e:
+            export_model.main(["--config-file", CPU_CONFIG, "--output", str(tmp_path / "o"),
+                               "MODEL.WEIGHTS", weights])
+    finally:
+        register_shapes_datasets()
+    message = str(e.value.code)
+    assert "--sample-image" in message and "shapes_val" in message and "not on disk" in message
+    assert not (tmp_path / "shapes").exists() and not (tmp_path / "o").exists()

@@ -65,17 +65,28 @@ def require_onnx():
 
 def unsupported_operator(model: nn.Module) -> Optional[str]:
     """
-    The first operator of ``model`` that has no ONNX export, or None.
+    The first part of ``model`` that has no correct ONNX export, or None.
 
-    torchvision's ``deform_conv2d`` (DCN in the R-101 / X-101 backbones and the heads with
-    ``DCN_ON_LAST_CONV``) has no ONNX symbolic in torchvision, so the exporter would stop deep in
-    the trace; naming it up front gives the user one line instead.
+    - torchvision's ``deform_conv2d`` (DCN in the R-101 / X-101 backbones and in the heads with
+      ``DCN_ON_LAST_CONV``): torchvision registers no ONNX symbolic for it, so the exporter
+      would stop deep in the trace.
+    - detectron2's ``SwinTransformer``: its shifted-window attention mask and window count are
+      computed from the input size in Python, so the traced graph fits only the traced size
+      (onnxruntime fails on a Reshape at any other size).
+
+    Naming the part up front gives the user one line instead of a trace error or a wrong graph.
     """
+    from detectron2.modeling.backbone.swin import SwinTransformer
+
     from .layers import ModulatedDeformConv2d
 
     for name, module in model.named_modules():
         if isinstance(module, ModulatedDeformConv2d):
-            return f"torchvision::deform_conv2d (module {name})"
+            return f"torchvision::deform_conv2d (module {name}) has no ONNX export"
+        if isinstance(module, SwinTransformer):
+            return (f"detectron2's SwinTransformer (module {name}) builds its shifted-window "
+                    "attention mask from the input size in Python, so its graph would only fit "
+                    "the traced size")
     return None
 
 
@@ -177,8 +188,8 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, metadata: Dict
     onnx, _ = require_onnx()
     operator = unsupported_operator(model)
     if operator is not None:
-        raise UserError(f"cannot export to ONNX: {operator} has no ONNX export; use "
-                        "--format torchscript for this model")
+        raise UserError(f"cannot export to ONNX: {operator}; use --format torchscript for "
+                        "this model")
     wrapper = OnnxDetector(model)
     with torch.no_grad(), _quiet_tracer():
         torch.onnx.export(
