@@ -92,6 +92,18 @@ def test_r18_onnxruntime_equals_eager_at_other_sizes(r18, size):
     assert_same_detections(model, session, image)
 
 
+def test_per_level_top_k_follows_the_input_size(tmp_path):
+    """With 10 candidates per level, levels with fewer points than 10 at the traced size (P6, P7
+    of 128x160) have more at 300x180, and levels with more (P5) have fewer at 64x64: the graph
+    must keep min(10, Pi) at every size, not the traced count."""
+    cfg = tiny_cfg("MODEL.DSLA.SCORE_THRESH_TEST", "0.2", "MODEL.DSLA.TOPK_CANDIDATES_TEST", "10")
+    model = spread_model(cfg)
+    session = export_to(model, cfg, tmp_path / "top10.onnx")
+    for size in [(300, 180), (64, 64)]:
+        image = torch.rand(3, *size, generator=torch.Generator().manual_seed(7)) * 255
+        assert_same_detections(model, session, image, minimum=5)
+
+
 def test_r18_top_n_and_threshold_are_in_the_graph(r18):
     """The cap of TEST.DETECTIONS_PER_IMAGE binds (eager gives exactly 100 before empty boxes
     are dropped) and the output obeys the score threshold."""
