@@ -149,6 +149,14 @@ def test_swin_stops_with_one_line_naming_the_part(tmp_path):
     assert not (tmp_path / "swin.onnx").exists()
 
 
+def test_other_meta_architectures_stop_with_one_line(tmp_path):
+    """The plain-FCOS baseline subclasses DSLA but scores with centerness."""
+    config = os.path.join(REPO, "configs", "Shapes", "fcos_plain_R_18_FPN_cpu.yaml")
+    cfg = tiny_cfg(config_file=config)
+    with pytest.raises(UserError, match="not FCOSPlain"):
+        export_to(build_model(cfg).eval(), cfg, tmp_path / "fcos.onnx")
+
+
 def test_dcn_stops_with_one_line_naming_the_operator(tmp_path):
     cfg = tiny_cfg("MODEL.DSLA.DCN_ON_LAST_CONV", "True")
     model = build_model(cfg).eval()

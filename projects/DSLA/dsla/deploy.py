@@ -30,17 +30,19 @@ __all__ = [
     "export_onnx",
     "metadata_props",
     "require_onnx",
+    "run_onnx",
+    "top_points",
     "unsupported_operator",
 ]
 
 # The value of metadata_props["format"] that marks a DSLA export (runners check it).
 FORMAT_NAME = "dsla-detector"
 FORMAT_VERSION = "1"
-DEPLOY_EXTRA = "pip install .[deploy]  (or: pip install onnx onnxruntime)"
+DEPLOY_EXTRA = "pip install .[deploy] (or: pip install onnx onnxruntime)"
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "classes"]
-# 17: the lowest opset whose LayerNorm/GroupNorm decompositions and NonMaxSuppression the
-# TorchScript-based exporter maps onto plain ONNX operators.
+# NonMaxSuppression needs opset >= 11; 17 is what the exports here are tested with, and every
+# onnxruntime the deploy extra allows (>= 1.17) runs it.
 OPSET = 17
 # What metadata_props holds; every value is a string (ONNX metadata is str -> str).
 METADATA_KEYS = ("format", "format_version", "class_names", "input_format", "min_size_test",
@@ -115,6 +117,8 @@ class OnnxDetector(nn.Module):
         anchors = m.anchor_generator(features)
         image_size = images.image_sizes[0]
         boxes, point_scores = [], []
+        # DSLA.forward_inference and inference_single_image on image 0, with top_points for
+        # DSLA._top_points, whose min() would freeze the traced size's point counts.
         for level_anchors, level_logits, level_dists in zip(anchors, logits, dists):
             scores = level_logits[0].sigmoid()
             keep = top_points(scores, m.test_topk_candidates)
@@ -186,6 +190,13 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, metadata: Dict
         UserError: onnx/onnxruntime missing, or an operator without ONNX export (named).
     """
     onnx, _ = require_onnx()
+    from .meta_arch import DSLA
+
+    # OnnxDetector computes DSLA's scores (sigmoid of the logits); subclasses such as the
+    # plain-FCOS baseline score differently (x centerness).
+    if type(model) is not DSLA:
+        raise UserError(f"ONNX export covers the DSLA meta-architecture, not "
+                        f"{type(model).__name__}; use --format torchscript for this model")
     operator = unsupported_operator(model)
     if operator is not None:
         raise UserError(f"cannot export to ONNX: {operator}; use --format torchscript for "
