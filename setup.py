@@ -3,7 +3,8 @@
 
 detectron2 itself is not a requirement here: it is not on PyPI under its own name. ``make setup``
 installs it (see README, "Installation"); users with their own detectron2 build run
-``pip install -e .`` in that environment.
+``pip install -e .`` in that environment. The ``deploy`` extra (``pip install .[deploy]``) adds
+what ``dsla-export --format onnx`` needs (docs/DEPLOY.md).
 """
 from setuptools import find_packages, setup
 
@@ -36,6 +37,10 @@ setup(
         "tensorboard",
         "opencv-python-headless",
     ],
+    extras_require={
+        # dsla-export --format onnx writes with onnx and checks the file in onnxruntime.
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.17"],
+    },
     entry_points={
         "console_scripts": [
             "dsla-train=dsla.engine:cli",

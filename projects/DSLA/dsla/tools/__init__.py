@@ -5,7 +5,7 @@
     dsla-predict                detections of a trained model drawn on your images
     dsla-visualize-assignment   DSLA's smooth labels next to FCOS's hard labels
     dsla-analyze-consistency    score-IoU consistency of a trained model
-    dsla-export                 TorchScript export, checked against the eager model
+    dsla-export                 TorchScript or ONNX export, checked against the eager model
     dsla-convert-mmdet          the authors' mmdetection checkpoints to detectron2
 
 ``python -m dsla.tools.<name>`` runs the same code.
