@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import (
@@ -29,6 +29,7 @@ from .layers import DeformConv2d, ModulatedDeformConv2d
 
 __all__ = [
     "DeformBottleneck",
+    "InPlaceFrozenBatchNorm2d",
     "build_dsla_resnet",
     "build_dsla_resnet_fpn_backbone",
     "build_dsla_swin_fpn_backbone",
@@ -40,6 +41,37 @@ __all__ = [
 # Blocks per stage (res2..res5), as in detectron2's builder.
 _BOTTLENECK_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _BASIC_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class InPlaceFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """
+    detectron2's ``FrozenBatchNorm2d`` that, where no gradient is needed on a CPU, overwrites its
+    input with the result instead of allocating a new tensor. Only for the norm of a conv
+    (``Conv2d.norm``), whose input is the conv's fresh output that nothing else reads.
+
+    The values are bit-identical to ``F.batch_norm`` (the same ATen kernel writes them); the
+    gain is the memory: on a CPU a new output of a large feature map costs more (allocation and
+    first-touch page faults) than the normalisation itself.
+    """
+
+    def forward(self, x):
+        if (x.requires_grad or x.device.type != "cpu" or x.dtype != self.weight.dtype
+                or not x.is_contiguous() or torch.jit.is_scripting() or torch.jit.is_tracing()):
+            return super().forward(x)
+        unused = x.new_empty(0)  # save_mean / save_invstd, not computed in eval mode
+        return torch.ops.aten.native_batch_norm.out(
+            x, self.weight, self.bias, self.running_mean, self.running_var, False, 0.0, self.eps,
+            out=x, save_mean=unused, save_invstd=unused.new_empty(0))[0]
+
+
+def _norms_in_place(resnet: ResNet) -> ResNet:
+    """Makes every ``FrozenBatchNorm2d`` of ``resnet`` (all are conv norms) an
+    :class:`InPlaceFrozenBatchNorm2d`; same buffers, so checkpoints load unchanged."""
+    for module in resnet.modules():
+        if type(module) is FrozenBatchNorm2d:
+            # A subclass without state of its own: switching the class keeps the buffers.
+            module.__class__ = InPlaceFrozenBatchNorm2d
+    return resnet
 
 
 class DeformBottleneck(BottleneckBlock):
@@ -143,7 +175,8 @@ def make_dsla_resnet(*, depth, norm="FrozenBN", stride_in_1x1=True, freeze_at=2,
             depth, stem_out_channels, res2_out_channels, num_groups * width_per_group,
             deform_on_per_stage, deform, stride_in_1x1=stride_in_1x1, num_groups=num_groups,
             norm=norm, res5_dilation=res5_dilation)
-    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+    return _norms_in_place(
+        ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at))
 
 
 def _refuse_deform_on_basic_blocks(depth, deform_on_per_stage, depth_name, deform_name):
