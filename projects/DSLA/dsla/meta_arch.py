@@ -19,6 +19,7 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import assign_smooth_labels, level_point_info
+from .cpu_memory import keep_freed_memory
 from .config import dsla_arguments_from_config, validate_dsla_arguments, validate_dsla_config
 from .head import DSLAHead
 from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
@@ -123,6 +124,15 @@ class DSLA(DenseDetector):
     def build_head(cls, cfg, input_shape):
         """The head of :meth:`from_config` (a hook for subclasses that add branches)."""
         return DSLAHead(cfg, input_shape)
+
+    def forward(self, batched_inputs):
+        """
+        :meth:`DenseDetector.forward`; on a CPU, first sets the process's allocator to keep
+        freed memory (:func:`dsla.cpu_memory.keep_freed_memory`): values are unchanged.
+        """
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        return super().forward(batched_inputs)
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_dists = self._transpose_dense_predictions(

@@ -1,0 +1,261 @@
+"""Where one inference and one training step (forward + losses + backward) spend their time, stage
+by stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths, and DSLA
+against another checkout of this repository (``--baseline``), each side in its own subprocess,
+the two sides alternating; figures are medians. Random weights (the head's seeded so that
+inference keeps detections), random images and boxes; CPU. Writes results/stages.{json,md}.
+
+    git worktree add /tmp/dsla-base e0c65af
+    python benchmarks/stages.py --baseline /tmp/dsla-base
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R50 = "configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml"
+DEMO = "configs/Shapes/dsla_R_18_FPN_demo.yaml"
+FCOS = ["MODEL.META_ARCHITECTURE", "FCOS"]
+STAGES = {"infer": ["preprocess", "backbone", "FPN", "head", "selection", "NMS", "postprocess"],
+          "train": ["preprocess", "backbone", "FPN", "head", "targets", "losses", "backward"]}
+
+
+def _labelled(fn, label):
+    from torch.profiler import record_function
+
+    def wrapped(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _build(config, opts, classes):
+    """The model with seeded random weights, its stages wrapped in profiler ranges."""
+    import torch
+    import detectron2.modeling.meta_arch.dense_detector as dense
+    import dsla  # noqa: F401  (registers the meta-architectures)
+    from detectron2.modeling import build_model
+    from dsla.cli import load_config
+
+    torch.manual_seed(0)
+    model = build_model(load_config(os.path.join(REPO, config), [*opts, "MODEL.DEVICE", "cpu"]))
+    with torch.no_grad():  # past the score threshold, so that selection and NMS have work
+        for p in model.head.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    named = {"preprocess_image": "preprocess", "label_points": "targets",
+             "label_anchors": "targets", "losses": "losses", "forward_inference": "selection+"}
+    for name, label in named.items():
+        if hasattr(model, name):
+            setattr(model, name, _labelled(getattr(model, name), label))
+    for module, label in ((model.backbone.bottom_up, "backbone"), (model.backbone, "backbone+"),
+                          (model.head, "head")):
+        module.forward = _labelled(module.forward, label)
+    if not hasattr(dense.detector_postprocess, "__wrapped_stage__"):
+        dense.detector_postprocess = _labelled(dense.detector_postprocess, "postprocess")
+        dense.detector_postprocess.__wrapped_stage__ = True
+    return model, classes
+
+
+def _inputs(size, boxes, classes, seed):
+    """One random image of ``size`` with ``boxes`` random boxes (sides 16..512 px, inside it)."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    side = torch.minimum(16 * 32 ** torch.rand(boxes, 2, generator=g),
+                         torch.tensor([w - 1.0, h - 1.0]))
+    x0y0 = torch.rand(boxes, 2, generator=g) * (torch.tensor([w, h]) - side)
+    inst = Instances(size, gt_boxes=Boxes(torch.cat([x0y0, x0y0 + side], 1)),
+                     gt_classes=torch.randint(0, classes, (boxes,), generator=g))
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    return [{"image": image, "height": h, "width": w, "instances": inst}]
+
+
+def _stages(prof, mode, wall):
+    """Seconds per stage from the profiler ranges (FPN = backbone+ minus backbone, ...)."""
+    t = {}
+    for e in prof.key_averages():
+        t[e.key] = t.get(e.key, 0.0) + e.cpu_time_total / 1e6
+    s = {k: t.get(k, 0.0) for k in STAGES[mode]}
+    s["FPN"] = t.get("backbone+", 0.0) - s["backbone"]
+    if mode == "infer":
+        s["NMS"] = t.get("torchvision::nms", 0.0)
+        s["selection"] = t.get("selection+", 0.0) - s["NMS"]
+    s["other"] = wall - sum(s.values())
+    return {k: round(v, 4) for k, v in s.items()}
+
+
+def _run_case(case, models):
+    """Times ``case["iters"]`` iterations (after ``warmup``), all under the profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from detectron2.utils.events import EventStorage
+
+    key = (case["config"], tuple(case["opts"]))
+    if key not in models:
+        models[key] = _build(case["config"], case["opts"], case["classes"])
+    model, classes = models[key]
+    inputs = _inputs(case["size"], case["boxes"], classes, seed=1)
+    train = case["mode"] == "train"
+    model.train(train)
+    walls, result = [], None
+    for i in range(case["warmup"] + case["iters"]):
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof, EventStorage(0), \
+                torch.set_grad_enabled(train):
+            t0 = time.perf_counter()
+            out = model(inputs)
+            if train:
+                loss = sum(out.values())
+                with record_function("backward"):
+                    loss.backward()
+            wall = time.perf_counter() - t0
+        if i >= case["warmup"]:
+            walls.append(wall)
+    if train:
+        result = {k: float(v) for k, v in out.items()}
+    else:
+        inst = out[0]["instances"]
+        result = torch.cat([inst.pred_boxes.tensor, inst.scores[:, None],
+                            inst.pred_classes[:, None].float()], 1).tolist()
+    return {"walls": walls, "stages": _stages(prof, case["mode"], walls[-1]), "output": result}
+
+
+def worker(job):
+    import torch
+    torch.set_num_threads(job["threads"])
+    models = {}
+    return [dict(case, **_run_case(case, models)) for case in job["cases"]]
+
+
+def _case(name, mode, config, opts=(), size=(800, 1333), boxes=20, classes=80, iters=1, warmup=1):
+    return dict(name=name, mode=mode, config=config, opts=list(opts), size=list(size),
+                boxes=boxes, classes=classes, iters=iters, warmup=warmup)
+
+
+def _spawn(tree, threads, cases):
+    env = dict(os.environ, PYTHONPATH=os.path.join(tree, "projects", "DSLA"))
+    job = json.dumps({"threads": threads, "cases": cases})
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plan(quick):
+    """(side, threads, cases) runs; the A/B pairs come first, in alternating order."""
+    it = 2 if quick else 3
+    dsla_cases = [_case("R-50", "infer", R50, iters=it), _case("R-50", "train", R50),
+                  _case("demo", "infer", DEMO, size=(256, 256), classes=3, iters=10, warmup=3),
+                  _case("demo", "train", DEMO, size=(256, 256), classes=3, iters=5, warmup=3)]
+    fcos_cases = [dict(c, name=c["name"] + " FCOS", opts=FCOS) for c in dsla_cases]
+    rounds = []
+    for r in range(2 if quick else 3):
+        pair = [("base", 1, dsla_cases), ("new", 1, dsla_cases + fcos_cases)]
+        rounds += pair[::-1] if r % 2 else pair
+    scale = [_case(f"R-50 {n} boxes", "train", R50, boxes=n) for n in (100, 500)]
+    two = [dict(c, iters=1) for c in dsla_cases[:2] + fcos_cases[:2]]
+    return rounds + [("new", 1, scale), ("new", 2, two)]
+
+
+def summarize(runs):
+    """{(side, threads, name, mode): {median, walls, stages of the median run, output}}."""
+    groups = {}
+    for side, threads, results in runs:
+        for r in results:
+            groups.setdefault((side, threads, r["name"], r["mode"]), []).append(r)
+    table = {}
+    for key, rs in groups.items():
+        walls = [w for r in rs for w in r["walls"]]
+        med = min(rs, key=lambda r: abs(r["walls"][-1] - statistics.median(walls)))
+        table[key] = {"median_s": statistics.median(walls), "walls": walls,
+                      "stages": med["stages"], "output": rs[0]["output"]}
+    return table
+
+
+def max_diff(a, b):
+    if isinstance(a, dict):
+        return max(abs(a[k] - b[k]) for k in a)
+    if len(a) != len(b):
+        return float("inf")
+    return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
+
+
+def render(table, machine, command):
+    lines = [f"`{command}`", "", f"Machine: {machine}. Medians of wall seconds; every timed "
+             "iteration runs under torch.profiler (ranges only).", "",
+             "| model | mode | main (s) | port (s) | port/main | FCOS (s) | port/FCOS | "
+             "max abs diff port vs main |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("R-50", "demo"):
+        for mode in ("infer", "train"):
+            b, n = table.get(("base", 1, name, mode)), table[("new", 1, name, mode)]
+            f = table[("new", 1, name + " FCOS", mode)]
+            bm = f"{b['median_s']:.3f}" if b else "-"
+            ratio = f"**{n['median_s'] / b['median_s']:.2f}**" if b else "-"
+            diff = f"{max_diff(n['output'], b['output']):.2e}" if b else "-"
+            lines.append(f"| {name} | {mode} | {bm} | {n['median_s']:.3f} | {ratio} | "
+                         f"{f['median_s']:.3f} | **{n['median_s'] / f['median_s']:.2f}** | {diff} |")
+    for mode in ("infer", "train"):
+        cols = [k for k in sorted(table, key=str) if k[3] == mode and "boxes" not in k[2]]
+        stages = STAGES[mode] + ["other"]
+        lines += ["", f"Stages of one {mode} step (s, 1 and 2 threads; {machine}):", "",
+                  "| side | threads | model | " + " | ".join(stages) + " | total |",
+                  "|---" * (len(stages) + 4) + "|"]
+        for k in cols:
+            s = table[k]["stages"]
+            lines.append(f"| {'main' if k[0] == 'base' else 'port'} | {k[1]} | {k[2]} | "
+                         + " | ".join(f"{s[x]:.3f}" for x in stages)
+                         + f" | {table[k]['median_s']:.3f} |")
+    lines += ["", f"Whole DSLA R-50 training step by boxes per image (port, 1 thread; {machine}):",
+              "", "| boxes | step (s) | targets (s) | losses (s) |", "|---|---|---|---|"]
+    for name in ("R-50", "R-50 100 boxes", "R-50 500 boxes"):
+        r = table[("new", 1, name, "train")]
+        lines.append(f"| {name.split()[1] if ' ' in name else 20} | {r['median_s']:.3f} | "
+                     f"{r['stages']['targets']:.3f} | {r['stages']['losses']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="another checkout of this repository (e.g. main)")
+    parser.add_argument("--quick", action="store_true", help="2 A/B rounds instead of 3")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    import torch
+    runs, load = [], [os.getloadavg()[0]]
+    for side, threads, cases in plan(args.quick):
+        if side == "base" and not args.baseline:
+            continue
+        tree = args.baseline if side == "base" else REPO
+        print(f"[{time.strftime('%H:%M:%S')}] {side}, {threads} thread(s): "
+              + ", ".join(sorted({c['name'] for c in cases})), flush=True)
+        runs.append((side, threads, _spawn(tree, threads, cases)))
+        load.append(os.getloadavg()[0])
+    table = summarize(runs)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    machine = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average "
+               f"(1 min) {min(load):.1f}-{max(load):.1f}")
+    command = "python benchmarks/stages.py" + (" --baseline BASELINE" if args.baseline else "")
+    md = render(table, machine, command) if args.baseline else json.dumps(
+        {str(k): v["median_s"] for k, v in table.items()}, indent=1)
+    print(md)
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(REPO, "benchmarks", "results", "stages.json"), "w") as f:
+        json.dump({"command": command, "machine": machine,
+                   "results": {" | ".join(map(str, k)): v for k, v in table.items()}}, f, indent=1)
+    with open(os.path.join(REPO, "benchmarks", "results", "stages.md"), "w") as f:
+        f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
