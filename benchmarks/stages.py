@@ -147,15 +147,14 @@ def _spawn(tree, threads, cases):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def plan(quick):
+def plan(rounds):
     """(side, threads, cases) runs; the A/B pairs come first, in alternating order."""
-    it = 2 if quick else 3
-    dsla_cases = [_case("R-50", "infer", R50, iters=it), _case("R-50", "train", R50),
+    dsla_cases = [_case("R-50", "infer", R50, iters=2), _case("R-50", "train", R50),
                   _case("demo", "infer", DEMO, size=(256, 256), classes=3, iters=10, warmup=3),
                   _case("demo", "train", DEMO, size=(256, 256), classes=3, iters=5, warmup=3)]
     fcos_cases = [dict(c, name=c["name"] + " FCOS", opts=FCOS) for c in dsla_cases]
     rounds = []
-    for r in range(2 if quick else 3):
+    for r in range(rounds):
         pair = [("base", 1, dsla_cases), ("new", 1, dsla_cases + fcos_cases)]
         rounds += pair[::-1] if r % 2 else pair
     scale = [_case(f"R-50 {n} boxes", "train", R50, boxes=n) for n in (100, 500)]
@@ -223,7 +222,7 @@ def render(table, machine, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="another checkout of this repository (e.g. main)")
-    parser.add_argument("--quick", action="store_true", help="2 A/B rounds instead of 3")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (each: both sides)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -231,7 +230,7 @@ def main(argv=None):
         return 0
     import torch
     runs, load = [], [os.getloadavg()[0]]
-    for side, threads, cases in plan(args.quick):
+    for side, threads, cases in plan(args.rounds):
         if side == "base" and not args.baseline:
             continue
         tree = args.baseline if side == "base" else REPO

@@ -5,7 +5,7 @@ By default glibc serves every allocation above its mmap threshold (at most 32 Mi
 ``mmap`` and gives it back to the system when freed, and trims the top of the heap above
 128 KiB: a detector's feature maps (e.g. 256 x 200 x 336 floats, 69 MiB, for ResNet-50's res2
 at 800 x 1333) are new pages at every pass, whose first touch costs a page fault per 4 KiB;
-on one thread that is about a seventh of an R-50 inference. With mmap off for the heap and
+on one thread that is over a tenth of an R-50 inference. With mmap off for the heap and
 trimming above 2 GiB, freed feature maps stay in the heap and the next pass reuses them. Memory
 use does not grow after the first pass; the process just keeps its peak.
 """
