@@ -10,7 +10,6 @@ inference keeps detections), random images and boxes; CPU. Writes results/stages
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,10 +32,9 @@ def _labelled(fn, label):
     return wrapped
 
 
-def _build(config, opts, classes):
+def _build(config, opts):
     """The model with seeded random weights, its stages wrapped in profiler ranges."""
     import torch
-    import detectron2.modeling.meta_arch.dense_detector as dense
     import dsla  # noqa: F401  (registers the meta-architectures)
     from detectron2.modeling import build_model
     from dsla.cli import load_config
@@ -44,9 +42,8 @@ def _build(config, opts, classes):
     torch.manual_seed(0)
     model = build_model(load_config(os.path.join(REPO, config), [*opts, "MODEL.DEVICE", "cpu"]))
     with torch.no_grad():  # past the score threshold, so that selection and NMS have work
-        for p in model.head.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.05)
+        for p in [p for p in model.head.parameters() if p.dim() > 1]:
+            p.normal_(0.0, 0.05)
     named = {"preprocess_image": "preprocess", "label_points": "targets",
              "label_anchors": "targets", "losses": "losses", "forward_inference": "selection+"}
     for name, label in named.items():
@@ -55,14 +52,11 @@ def _build(config, opts, classes):
     for module, label in ((model.backbone.bottom_up, "backbone"), (model.backbone, "backbone+"),
                           (model.head, "head")):
         module.forward = _labelled(module.forward, label)
-    if not hasattr(dense.detector_postprocess, "__wrapped_stage__"):
-        dense.detector_postprocess = _labelled(dense.detector_postprocess, "postprocess")
-        dense.detector_postprocess.__wrapped_stage__ = True
-    return model, classes
+    return model
 
 
 def _inputs(size, boxes, classes, seed):
-    """One random image of ``size`` with ``boxes`` random boxes (sides 16..512 px, inside it)."""
+    """One random image of ``size``, ``boxes`` random boxes (sides 16..512 px) inside it."""
     import torch
     from detectron2.structures import Boxes, Instances
 
@@ -79,9 +73,7 @@ def _inputs(size, boxes, classes, seed):
 
 def _stages(prof, mode, wall):
     """Seconds per stage from the profiler ranges (FPN = backbone+ minus backbone, ...)."""
-    t = {}
-    for e in prof.key_averages():
-        t[e.key] = t.get(e.key, 0.0) + e.cpu_time_total / 1e6
+    t = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}  # one entry per key
     s = {k: t.get(k, 0.0) for k in STAGES[mode]}
     s["FPN"] = t.get("backbone+", 0.0) - s["backbone"]
     if mode == "infer":
@@ -99,12 +91,11 @@ def _run_case(case, models):
 
     key = (case["config"], tuple(case["opts"]))
     if key not in models:
-        models[key] = _build(case["config"], case["opts"], case["classes"])
-    model, classes = models[key]
-    inputs = _inputs(case["size"], case["boxes"], classes, seed=1)
+        models[key] = _build(case["config"], case["opts"])
+    model, inputs = models[key], _inputs(case["size"], case["boxes"], case["classes"], seed=1)
     train = case["mode"] == "train"
     model.train(train)
-    walls, result = [], None
+    walls = []
     for i in range(case["warmup"] + case["iters"]):
         model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof, EventStorage(0), \
@@ -118,19 +109,18 @@ def _run_case(case, models):
             wall = time.perf_counter() - t0
         if i >= case["warmup"]:
             walls.append(wall)
-    if train:
-        result = {k: float(v) for k, v in out.items()}
-    else:
-        inst = out[0]["instances"]
-        result = torch.cat([inst.pred_boxes.tensor, inst.scores[:, None],
-                            inst.pred_classes[:, None].float()], 1).tolist()
+    inst = None if train else out[0]["instances"]
+    result = {k: float(v) for k, v in out.items()} if train else torch.cat(
+        [inst.pred_boxes.tensor, inst.scores[:, None], inst.pred_classes[:, None]], 1).tolist()
     return {"walls": walls, "stages": _stages(prof, case["mode"], walls[-1]), "output": result}
 
 
 def worker(job):
     import torch
+    import detectron2.modeling.meta_arch.dense_detector as dense
     torch.set_num_threads(job["threads"])
-    models = {}
+    dense.detector_postprocess = _labelled(dense.detector_postprocess, "postprocess")
+    models = {}  # built once per (config, opts) in this process
     return [dict(case, **_run_case(case, models)) for case in job["cases"]]
 
 
@@ -153,13 +143,13 @@ def plan(rounds):
                   _case("demo", "infer", DEMO, size=(256, 256), classes=3, iters=10, warmup=3),
                   _case("demo", "train", DEMO, size=(256, 256), classes=3, iters=5, warmup=3)]
     fcos_cases = [dict(c, name=c["name"] + " FCOS", opts=FCOS) for c in dsla_cases]
-    rounds = []
+    two_threads = dsla_cases[:2] + fcos_cases[:2]
+    runs = []
     for r in range(rounds):
         pair = [("base", 1, dsla_cases), ("new", 1, dsla_cases + fcos_cases)]
-        rounds += pair[::-1] if r % 2 else pair
+        runs += pair[::-1] if r % 2 else pair
     scale = [_case(f"R-50 {n} boxes", "train", R50, boxes=n) for n in (100, 500)]
-    two = [dict(c, iters=1) for c in dsla_cases[:2] + fcos_cases[:2]]
-    return rounds + [("new", 1, scale), ("new", 2, two)]
+    return runs + [("new", 1, scale), ("new", 2, [dict(c, iters=1) for c in two_threads])]
 
 
 def summarize(runs):
@@ -174,10 +164,14 @@ def summarize(runs):
         med = min(rs, key=lambda r: abs(r["walls"][-1] - statistics.median(walls)))
         table[key] = {"median_s": statistics.median(walls), "walls": walls,
                       "stages": med["stages"], "output": rs[0]["output"]}
+    for (side, *rest), v in table.items():  # detections / losses of the port vs main
+        base = table.get(("base", *rest))
+        v["max_abs_diff_vs_main"] = max_diff(v["output"], base["output"]) if base else None
     return table
 
 
 def max_diff(a, b):
+    """Max abs difference of two loss dicts or two detection lists (inf if counts differ)."""
     if isinstance(a, dict):
         return max(abs(a[k] - b[k]) for k in a)
     if len(a) != len(b):
@@ -190,15 +184,12 @@ def render(table, machine, command):
              "iteration runs under torch.profiler (ranges only).", "",
              "| model | mode | main (s) | port (s) | port/main | FCOS (s) | port/FCOS | "
              "max abs diff port vs main |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("R-50", "demo"):
-        for mode in ("infer", "train"):
-            b, n = table.get(("base", 1, name, mode)), table[("new", 1, name, mode)]
-            f = table[("new", 1, name + " FCOS", mode)]
-            bm = f"{b['median_s']:.3f}" if b else "-"
-            ratio = f"**{n['median_s'] / b['median_s']:.2f}**" if b else "-"
-            diff = f"{max_diff(n['output'], b['output']):.2e}" if b else "-"
-            lines.append(f"| {name} | {mode} | {bm} | {n['median_s']:.3f} | {ratio} | "
-                         f"{f['median_s']:.3f} | **{n['median_s'] / f['median_s']:.2f}** | {diff} |")
+    for name, mode in [(n, m) for n in ("R-50", "demo") for m in ("infer", "train")]:
+        b, n = table[("base", 1, name, mode)], table[("new", 1, name, mode)]
+        f = table[("new", 1, name + " FCOS", mode)]
+        lines.append(f"| {name} | {mode} | {b['median_s']:.3f} | {n['median_s']:.3f} | "
+                     f"**{n['median_s'] / b['median_s']:.2f}** | {f['median_s']:.3f} | "
+                     f"**{n['median_s'] / f['median_s']:.2f}** | {n['max_abs_diff_vs_main']:.2e} |")
     for mode in ("infer", "train"):
         cols = [k for k in sorted(table, key=str) if k[3] == mode and "boxes" not in k[2]]
         stages = STAGES[mode] + ["other"]
@@ -228,29 +219,28 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if not args.baseline:
+        parser.error("--baseline DIR is required (e.g. git worktree add DIR e0c65af)")
     import torch
     runs, load = [], [os.getloadavg()[0]]
     for side, threads, cases in plan(args.rounds):
-        if side == "base" and not args.baseline:
-            continue
-        tree = args.baseline if side == "base" else REPO
         print(f"[{time.strftime('%H:%M:%S')}] {side}, {threads} thread(s): "
               + ", ".join(sorted({c['name'] for c in cases})), flush=True)
+        tree = args.baseline if side == "base" else REPO
         runs.append((side, threads, _spawn(tree, threads, cases)))
         load.append(os.getloadavg()[0])
     table = summarize(runs)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+               if ln.startswith("model name"))
     machine = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average "
                f"(1 min) {min(load):.1f}-{max(load):.1f}")
-    command = "python benchmarks/stages.py" + (" --baseline BASELINE" if args.baseline else "")
-    md = render(table, machine, command) if args.baseline else json.dumps(
-        {str(k): v["median_s"] for k, v in table.items()}, indent=1)
+    command = f"python benchmarks/stages.py --baseline BASELINE --rounds {args.rounds}"
+    md = render(table, machine, command)
     print(md)
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(REPO, "benchmarks", "results", "stages.json"), "w") as f:
         json.dump({"command": command, "machine": machine,
-                   "results": {" | ".join(map(str, k)): v for k, v in table.items()}}, f, indent=1)
+                   "results": {" | ".join(map(str, k)): {n: x for n, x in v.items() if n != "output"}
+                               for k, v in table.items()}}, f, indent=1)
     with open(os.path.join(REPO, "benchmarks", "results", "stages.md"), "w") as f:
         f.write(md)
     return 0
