@@ -19,6 +19,8 @@ from dsla.backbone import (
 )
 from dsla.cpu_memory import keep_freed_memory
 
+from conftest import make_inputs, tiny_cfg
+
 
 def _random_norm(cls, channels=5):
     norm = cls(channels)
@@ -94,3 +96,16 @@ def test_resnet_with_fast_paths_equals_plain_resnet(norm, depth):
 
 def test_keep_freed_memory_is_idempotent():
     assert keep_freed_memory() == keep_freed_memory()
+
+
+def test_cpu_forward_keeps_freed_memory(monkeypatch):
+    from detectron2.modeling import build_model
+
+    import dsla.meta_arch
+
+    calls = []
+    monkeypatch.setattr(dsla.meta_arch, "keep_freed_memory", lambda: calls.append(1))
+    model = build_model(tiny_cfg()).eval()
+    with torch.no_grad():
+        model(make_inputs([[]], size=64))
+    assert calls == [1]
