@@ -19,8 +19,8 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .assignment import assign_smooth_labels, level_point_info
-from .cpu_memory import keep_freed_memory
 from .config import dsla_arguments_from_config, validate_dsla_arguments, validate_dsla_config
+from .cpu_memory import keep_freed_memory
 from .head import DSLAHead
 from .losses import all_reduce_mean, box_iou_loss, quality_focal_loss
 from .points import grid_anchors, grid_sizes, point_generator
