@@ -1,8 +1,8 @@
-"""Where one inference and one training step (forward + losses + backward) spend their time, stage
-by stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths, and DSLA
-against another checkout of this repository (``--baseline``), each side in its own subprocess,
-the two sides alternating; figures are medians. Random weights (the head's seeded so that
-inference keeps detections), random images and boxes; CPU. Writes results/stages.{json,md}.
+"""Where one inference and one training step (forward + losses + backward) spend their time, by
+stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths, and DSLA against
+another checkout (``--baseline``), each side in its own subprocess, alternating; medians. Random
+weights (the head's so that inference keeps detections), images and boxes; CPU. Writes
+results/stages.{json,md}.
 
     git worktree add /tmp/dsla-base e0c65af
     python benchmarks/stages.py --baseline /tmp/dsla-base
@@ -90,29 +90,30 @@ def _run_case(case, models):
     from detectron2.utils.events import EventStorage
 
     key = (case["config"], tuple(case["opts"]))
-    if key not in models:
-        models[key] = _build(case["config"], case["opts"])
-    model, inputs = models[key], _inputs(case["size"], case["boxes"], case["classes"], seed=1)
+    model = models[key] = models.get(key) or _build(case["config"], case["opts"])
+    inputs = _inputs(case["size"], case["boxes"], case["classes"], seed=1)
     train = case["mode"] == "train"
     model.train(train)
-    walls = []
+    walls, cpus = [], []
     for i in range(case["warmup"] + case["iters"]):
         model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof, EventStorage(0), \
                 torch.set_grad_enabled(train):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(inputs)
             if train:
                 loss = sum(out.values())
                 with record_function("backward"):
                     loss.backward()
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if i >= case["warmup"]:
             walls.append(wall)
+            cpus.append(cpu)
     inst = None if train else out[0]["instances"]
     result = {k: float(v) for k, v in out.items()} if train else torch.cat(
         [inst.pred_boxes.tensor, inst.scores[:, None], inst.pred_classes[:, None]], 1).tolist()
-    return {"walls": walls, "stages": _stages(prof, case["mode"], walls[-1]), "output": result}
+    return {"walls": walls, "cpus": cpus, "stages": _stages(prof, case["mode"], walls[-1]),
+            "output": result}
 
 
 def worker(job):
@@ -125,14 +126,13 @@ def worker(job):
 
 
 def _case(name, mode, config, opts=(), size=(800, 1333), boxes=20, classes=80, iters=1, warmup=1):
-    return dict(name=name, mode=mode, config=config, opts=list(opts), size=list(size),
-                boxes=boxes, classes=classes, iters=iters, warmup=warmup)
+    return dict(locals(), opts=list(opts), size=list(size))
 
 
 def _spawn(tree, threads, cases):
-    env = dict(os.environ, PYTHONPATH=os.path.join(tree, "projects", "DSLA"))
     job = json.dumps({"threads": threads, "cases": cases})
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job], env=env,
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job],
+                         env=dict(os.environ, PYTHONPATH=os.path.join(tree, "projects", "DSLA")),
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -160,10 +160,11 @@ def summarize(runs):
             groups.setdefault((side, threads, r["name"], r["mode"]), []).append(r)
     table = {}
     for key, rs in groups.items():
-        walls = [w for r in rs for w in r["walls"]]
+        walls, cpus = ([w for r in rs for w in r[k]] for k in ("walls", "cpus"))
         med = min(rs, key=lambda r: abs(r["walls"][-1] - statistics.median(walls)))
-        table[key] = {"median_s": statistics.median(walls), "walls": walls,
-                      "stages": med["stages"], "output": rs[0]["output"]}
+        table[key] = {"median_s": statistics.median(walls), "walls": walls, "cpus": cpus,
+                      "cpu_median_s": statistics.median(cpus), "stages": med["stages"],
+                      "output": rs[0]["output"]}
     for (side, *rest), v in table.items():  # detections / losses of the port vs main
         base = table.get(("base", *rest))
         v["max_abs_diff_vs_main"] = max_diff(v["output"], base["output"]) if base else None
@@ -172,41 +173,41 @@ def summarize(runs):
 
 def max_diff(a, b):
     """Max abs difference of two loss dicts or two detection lists (inf if counts differ)."""
-    if isinstance(a, dict):
-        return max(abs(a[k] - b[k]) for k in a)
-    if len(a) != len(b):
-        return float("inf")
+    if isinstance(a, dict) or len(a) != len(b):
+        return max(abs(a[k] - b[k]) for k in a) if isinstance(a, dict) else float("inf")
     return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
 
 
+def _cell(r):
+    return f"{r['median_s']:.3f} ({r['cpu_median_s']:.3f})"
+
+
+def _ratio(a, b):
+    return f"**{a['median_s'] / b['median_s']:.2f}** ({a['cpu_median_s'] / b['cpu_median_s']:.2f})"
+
+
 def render(table, machine, command):
-    lines = [f"`{command}`", "", f"Machine: {machine}. Medians of wall seconds; every timed "
-             "iteration runs under torch.profiler (ranges only).", "",
+    lines = [f"`{command}`", "", f"Machine: {machine}. Medians of wall seconds (the process's CPU "
+             "seconds in brackets, steadier on a loaded machine); timed under torch.profiler.", "",
              "| model | mode | main (s) | port (s) | port/main | FCOS (s) | port/FCOS | "
              "max abs diff port vs main |", "|---|---|---|---|---|---|---|---|"]
     for name, mode in [(n, m) for n in ("R-50", "demo") for m in ("infer", "train")]:
         b, n = table[("base", 1, name, mode)], table[("new", 1, name, mode)]
         f = table[("new", 1, name + " FCOS", mode)]
-        lines.append(f"| {name} | {mode} | {b['median_s']:.3f} | {n['median_s']:.3f} | "
-                     f"**{n['median_s'] / b['median_s']:.2f}** | {f['median_s']:.3f} | "
-                     f"**{n['median_s'] / f['median_s']:.2f}** | {n['max_abs_diff_vs_main']:.2e} |")
+        lines.append(f"| {name} | {mode} | {_cell(b)} | {_cell(n)} | {_ratio(n, b)} | "
+                     f"{_cell(f)} | {_ratio(n, f)} | {n['max_abs_diff_vs_main']:.2e} |")
     for mode in ("infer", "train"):
-        cols = [k for k in sorted(table, key=str) if k[3] == mode and "boxes" not in k[2]]
+        cols = [k for k in sorted(table, key=str) if k[3] == mode]
         stages = STAGES[mode] + ["other"]
-        lines += ["", f"Stages of one {mode} step (s, 1 and 2 threads; {machine}):", "",
+        lines += ["", f"Stages of one {mode} step (s; the run nearest the median; 1 and 2 threads; "
+                  f"R-50 N boxes: N boxes per image instead of 20; {machine}):", "",
                   "| side | threads | model | " + " | ".join(stages) + " | total |",
                   "|---" * (len(stages) + 4) + "|"]
         for k in cols:
             s = table[k]["stages"]
+            cells = [f"{s[x]:.3f}" for x in stages] + [f"{sum(s.values()):.3f}"]
             lines.append(f"| {'main' if k[0] == 'base' else 'port'} | {k[1]} | {k[2]} | "
-                         + " | ".join(f"{s[x]:.3f}" for x in stages)
-                         + f" | {table[k]['median_s']:.3f} |")
-    lines += ["", f"Whole DSLA R-50 training step by boxes per image (port, 1 thread; {machine}):",
-              "", "| boxes | step (s) | targets (s) | losses (s) |", "|---|---|---|---|"]
-    for name in ("R-50", "R-50 100 boxes", "R-50 500 boxes"):
-        r = table[("new", 1, name, "train")]
-        lines.append(f"| {name.split()[1] if ' ' in name else 20} | {r['median_s']:.3f} | "
-                     f"{r['stages']['targets']:.3f} | {r['stages']['losses']:.3f} |")
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,17 +231,16 @@ def main(argv=None):
         runs.append((side, threads, _spawn(tree, threads, cases)))
         load.append(os.getloadavg()[0])
     table = summarize(runs)
-    cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-               if ln.startswith("model name"))
+    cpu = next(ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln)
     machine = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average "
                f"(1 min) {min(load):.1f}-{max(load):.1f}")
     command = f"python benchmarks/stages.py --baseline BASELINE --rounds {args.rounds}"
     md = render(table, machine, command)
     print(md)
     with open(os.path.join(REPO, "benchmarks", "results", "stages.json"), "w") as f:
-        json.dump({"command": command, "machine": machine,
-                   "results": {" | ".join(map(str, k)): {n: x for n, x in v.items() if n != "output"}
-                               for k, v in table.items()}}, f, indent=1)
+        results = {" | ".join(map(str, k)): {n: x for n, x in v.items() if n != "output"}
+                   for k, v in table.items()}
+        json.dump({"command": command, "machine": machine, "results": results}, f, indent=1)
     with open(os.path.join(REPO, "benchmarks", "results", "stages.md"), "w") as f:
         f.write(md)
     return 0
