@@ -55,8 +55,10 @@ def _tower(in_channels, num_convs, norm, conv_bias, dcn_on_last_conv):
     layers = []
     for i in range(num_convs):
         # A conv followed by a norm needs no bias unless the checkpoint has one (CONV_BIAS).
+        # The ReLU overwrites the norm's (or conv's) fresh output, which neither backward reads:
+        # same values, one feature map less to allocate.
         kwargs = dict(bias=conv_bias or not norm, norm=get_norm(norm, in_channels),
-                      activation=F.relu)
+                      activation=F.relu_)
         if dcn_on_last_conv and i == num_convs - 1:
             layers.append(DeformTowerConv(in_channels, in_channels, **kwargs))
         else:
