@@ -62,24 +62,3 @@ def test_summary_counts_only_boxes_with_candidates():
     assert math.isclose(s["mean_kept_iou"], (0.8 + 1.0 + 0.7) / 3, rel_tol=1e-6)
     empty = summarize_nms_gap(torch.full((2,), float("nan")), torch.full((2,), float("nan")))
     assert empty["mean_iou_lost"] is None and empty["num_gt_with_candidates"] == 0
-
-
-def test_candidate_clusters_count_chance_level_and_rank_correlation():
-    from dsla.analysis import nms_candidate_clusters
-
-    gt = _t([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 70, 80, 80]])
-    # Box 0: IoUs 1.0, 0.8, 0.5 with scores in reverse order (rank correlation -1), plus one
-    # candidate of another class and one below the IoU threshold; box 1: a single candidate;
-    # box 2: none; box 3: two candidates (too few for a rank correlation).
-    cands = _t([[0, 0, 10, 10], [0, 0, 8, 10], [0, 0, 5, 10], [0, 0, 10, 10], [0, 0, 2.5, 10],
-                [20, 20, 30, 30], [70, 70, 80, 80], [70, 70, 78, 80]])
-    scores = torch.tensor([0.1, 0.5, 0.9, 0.95, 0.99, 0.3, 0.2, 0.6])
-    classes = torch.tensor([0, 0, 0, 1, 0, 0, 0, 0])
-    out = nms_candidate_clusters(cands, scores, classes, gt, torch.zeros(4, dtype=torch.long))
-    assert out["count"].tolist() == [3.0, 1.0, 0.0, 2.0]
-    assert torch.allclose(out["kept_iou"][[0, 1, 3]], _t([0.5, 1.0, 0.8]))
-    assert torch.allclose(out["best_iou"][[0, 1, 3]], _t([1.0, 1.0, 1.0]))
-    assert torch.allclose(out["mean_iou"][[0, 1, 3]], _t([(1.0 + 0.8 + 0.5) / 3, 1.0, 0.9]))
-    assert math.isclose(out["spearman"][0].item(), -1.0, abs_tol=1e-6)
-    assert all(math.isnan(out["spearman"][g].item()) for g in (1, 2, 3))
-    assert math.isnan(out["mean_iou"][2].item()) and math.isnan(out["kept_iou"][2].item())

@@ -34,7 +34,6 @@ __all__ = [
     "ground_truth_of",
     "instances_from_coco_results",
     "match_detections",
-    "nms_candidate_clusters",
     "nms_localisation_gap",
     "pearson",
     "precision_recall",
@@ -361,46 +360,3 @@ def summarize_nms_gap(kept_iou: torch.Tensor, best_iou: torch.Tensor,
         else None,
         "mean_kept_iou": float(kept_iou[has].double().mean()) if n else None,
     }
-
-
-def nms_candidate_clusters(
-    cand_boxes: torch.Tensor,
-    cand_scores: torch.Tensor,
-    cand_classes: torch.Tensor,
-    gt_boxes: torch.Tensor,
-    gt_classes: torch.Tensor,
-    iou_threshold: float = 0.5,
-) -> Dict[str, torch.Tensor]:
-    """
-    :func:`nms_localisation_gap` taken apart: for each ground-truth box, its cluster of pre-NMS
-    candidates (same class, IoU >= ``iou_threshold``) and what a scoring rule could have kept.
-    The IoU lost in NMS grows with the cluster's size even for a perfect-in-expectation ranking
-    (more candidates -> a higher best IoU), so a model with more candidates per box is compared
-    with its own chance level: ``mean_iou`` is the expected kept IoU if NMS kept a random
-    candidate of the cluster.
-
-    Args: as :func:`nms_localisation_gap`.
-
-    Returns:
-        dict of Tensor[G] float (NaN for boxes without a candidate): ``count`` (cluster size, 0
-        for none), ``kept_iou`` (highest score's IoU, lower index on ties), ``best_iou``,
-        ``mean_iou``, ``spearman`` (score-IoU rank correlation inside the cluster; NaN with
-        fewer than 3 candidates or constant scores / IoUs).
-    """
-    kept, best = nms_localisation_gap(cand_boxes, cand_scores, cand_classes, gt_boxes,
-                                      gt_classes, iou_threshold)
-    num_gt = gt_boxes.shape[0]
-    out = {"count": torch.zeros(num_gt), "kept_iou": kept, "best_iou": best,
-           "mean_iou": torch.full((num_gt,), float("nan")),
-           "spearman": torch.full((num_gt,), float("nan"))}
-    if num_gt == 0 or cand_boxes.shape[0] == 0:
-        return out
-    iou = pairwise_iou(Boxes(gt_boxes.float()), Boxes(cand_boxes.float()))  # [G, D]
-    valid = (iou >= iou_threshold) & (gt_classes[:, None] == cand_classes[None, :])
-    out["count"] = valid.sum(dim=1).float()
-    for g in torch.nonzero(valid.any(dim=1)).flatten().tolist():
-        ious, scores = iou[g, valid[g]].double(), cand_scores[valid[g]].double()
-        out["mean_iou"][g] = ious.mean()
-        if ious.numel() >= 3:
-            out["spearman"][g] = spearman(scores.tolist(), ious.tolist())
-    return out
