@@ -204,6 +204,7 @@ def _run_example(*argv, python=sys.executable):
 def test_example_prints_the_detections_of_eager_prediction(exported, tmp_path):
     """The example's resize, rescale and clip reproduce dsla-predict's (DefaultPredictor) on an
     image of another size than the model's test size."""
+    from dsla.cli import load_model
     from dsla.visualization import predict
 
     weights, image, out = exported
@@ -213,7 +214,8 @@ def test_example_prints_the_detections_of_eager_prediction(exported, tmp_path):
     assert code == 0, stderr
     lines = stdout.splitlines()[1:-1]
     cfg = tiny_cfg("MODEL.WEIGHTS", weights, *SPREAD_OPTS)
-    eager = predict(cfg, [image])[0]
+    cfg.freeze()
+    eager = predict(cfg, load_model(cfg)[0], [image])[0]
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     names = json.loads(meta["class_names"])  # those of DATASETS.TEST[0], as dsla-predict's
     assert len(lines) == len(eager) > 10
