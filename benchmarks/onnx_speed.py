@@ -4,8 +4,7 @@
    the test size and two other sizes; per image same count and classes, boxes within 0.01 px,
    scores within 1e-4; and COCO box AP of each engine's detections.
 2. Parity on the R-50 authors' layout (random weights, classifier spread) at 800x1216.
-3. Latency, demo model at 256 px and R-50 at 800x1333, 1 and 2 threads: eager and onnxruntime
-   alternate, medians, ratio ORT / eager from the same run.
+3. Latency (demo at 256 px, R-50 at 800x1333; 1, 2 threads), engines alternating: ORT / eager.
 
     python benchmarks/onnx_speed.py --weights output/demo/model_final.pth
 """
@@ -14,10 +13,11 @@ import os
 import sys
 import tempfile
 import time
+from statistics import median
 
 import torch
 
-from common import REPO, log, machine_info, markdown_table, median, write_results
+from common import REPO, log, machine_info, markdown_table, write_results
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from conftest import tiny_cfg  # noqa: E402

@@ -18,7 +18,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R50 = "configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml"
 DEMO = "configs/Shapes/dsla_R_18_FPN_demo.yaml"
-FCOS = ["MODEL.META_ARCHITECTURE", "FCOS"]
+FCOS = ["MODEL.META_ARCHITECTURE", "FCOSDetectron2"]
 STAGES = {"infer": ["preprocess", "backbone", "FPN", "head", "selection", "NMS", "postprocess"],
           "train": ["preprocess", "backbone", "FPN", "head", "targets", "losses", "backward"]}
 
