@@ -2,8 +2,9 @@
 loop-and-sort reference that the tests check it against (``tests/reference_assignment.py``),
 time and peak memory.
 
-One 800×1333 image padded to 896×1408 (the backbone's size divisibility 128) gives the points of
-P3-P7 (strides 8-128, 26,257 points) with the COCO regress ranges; G random boxes (sides
+The points of P3-P7 (strides 8-128) of an 800×1333 image padded to a multiple of 128, 896×1408
+(26,257 points; the model pads to 32, 800×1344, 22,400 points: this fixed, larger set keeps the
+stored results comparable) with the COCO regress ranges; G random boxes (sides
 log-uniform in 4-404 px, clipped to the image); relaxation 0.2 and core zone. Both functions must
 return identical labels, scores and boxes (``torch.equal``), else the script fails.
 
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from reference_assignment import reference_assign_smooth_labels  # noqa: E402
 
 IMAGE_SIZE = (800, 1333)
-SIZE_DIVISIBILITY = 128
+SIZE_DIVISIBILITY = 128  # of the point set measured (the model pads to 32)
 STRIDES = (8, 16, 32, 64, 128)
 REGRESS_RANGES = ((0, 64), (64, 128), (128, 256), (256, 512), (512, 1e8))  # the paper's COCO
 NUM_CLASSES = 80

@@ -1,6 +1,7 @@
-"""Where one inference and one training step (forward + losses + backward) spend their time, by
-stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths, and DSLA against
-another checkout (``--baseline``), each side in its own subprocess, alternating; medians. Random
+"""How long one inference and one training step (forward + losses + backward) take, and where the
+time goes by stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths,
+and DSLA against another checkout (``--baseline``), each side in its own subprocess, alternating.
+Times are medians of plain runs; the stages come from one more run under the profiler. Random
 weights (the head's so that inference keeps detections), images and boxes; CPU. Writes
 results/stages.{json,md}.
 
@@ -19,6 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R50 = "configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml"
 DEMO = "configs/Shapes/dsla_R_18_FPN_demo.yaml"
 FCOS = ["MODEL.META_ARCHITECTURE", "FCOSDetectron2"]
+# R-50: 800x1333; 768x1280 is padded alike by both sides (a multiple of 128); demo: 256x256.
+MODELS = ("R-50", "R-50 800x1216", "R-50 768x1280", "demo")
+CONV_KERNELS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
+                "aten::convolution_backward", "aten::_slow_conv2d_backward")
 STAGES = {"infer": ["preprocess", "backbone", "FPN", "head", "selection", "NMS", "postprocess"],
           "train": ["preprocess", "backbone", "FPN", "head", "targets", "losses", "backward"]}
 
@@ -80,13 +85,28 @@ def _stages(prof, mode, wall):
         s["NMS"] = t.get("torchvision::nms", 0.0)
         s["selection"] = t.get("selection+", 0.0) - s["NMS"]
     s["other"] = wall - sum(s.values())
-    return {k: round(v, 4) for k, v in s.items()}
+    # The convolution kernels' own time, spread over backbone, FPN, head and backward.
+    conv = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_KERNELS)
+    return {**{k: round(v, 4) for k, v in s.items()}, "conv": round(conv / 1e6, 4)}
+
+
+def _step(model, inputs, train):
+    """One inference, or one training step (forward, losses, backward); its outputs."""
+    from torch.profiler import record_function
+
+    model.zero_grad(set_to_none=True)
+    out = model(inputs)
+    if train:
+        with record_function("backward"):
+            sum(out.values()).backward()
+    return out
 
 
 def _run_case(case, models):
-    """Times ``case["iters"]`` iterations (after ``warmup``), all under the profiler."""
+    """Times ``case["iters"]`` plain iterations (after ``warmup``), then profiles one more for the
+    stages: the profiler's own cost stays out of the timings."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
     from detectron2.utils.events import EventStorage
 
     key = (case["config"], tuple(case["opts"]))
@@ -95,24 +115,22 @@ def _run_case(case, models):
     train = case["mode"] == "train"
     model.train(train)
     walls, cpus = [], []
-    for i in range(case["warmup"] + case["iters"]):
-        model.zero_grad(set_to_none=True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof, EventStorage(0), \
-                torch.set_grad_enabled(train):
+    with EventStorage(0), torch.set_grad_enabled(train):
+        for i in range(case["warmup"] + case["iters"]):
             t0, c0 = time.perf_counter(), time.process_time()
-            out = model(inputs)
-            if train:
-                loss = sum(out.values())
-                with record_function("backward"):
-                    loss.backward()
+            out = _step(model, inputs, train)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if i >= case["warmup"]:
-            walls.append(wall)
-            cpus.append(cpu)
+            if i >= case["warmup"]:
+                walls.append(wall)
+                cpus.append(cpu)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            _step(model, inputs, train)
+            profiled = time.perf_counter() - t0
     inst = None if train else out[0]["instances"]
     result = {k: float(v) for k, v in out.items()} if train else torch.cat(
         [inst.pred_boxes.tensor, inst.scores[:, None], inst.pred_classes[:, None]], 1).tolist()
-    return {"walls": walls, "cpus": cpus, "stages": _stages(prof, case["mode"], walls[-1]),
+    return {"walls": walls, "cpus": cpus, "stages": _stages(prof, case["mode"], profiled),
             "output": result}
 
 
@@ -140,6 +158,10 @@ def _spawn(tree, threads, cases):
 def plan(rounds):
     """(side, threads, cases) runs; the A/B pairs come first, in alternating order."""
     dsla_cases = [_case("R-50", "infer", R50, iters=2), _case("R-50", "train", R50),
+                  _case("R-50 800x1216", "infer", R50, size=(800, 1216), iters=2),
+                  _case("R-50 800x1216", "train", R50, size=(800, 1216)),
+                  _case("R-50 768x1280", "infer", R50, size=(768, 1280)),
+                  _case("R-50 768x1280", "train", R50, size=(768, 1280)),
                   _case("demo", "infer", DEMO, size=(256, 256), classes=3, iters=10, warmup=3),
                   _case("demo", "train", DEMO, size=(256, 256), classes=3, iters=5, warmup=3)]
     fcos_cases = [dict(c, name=c["name"] + " FCOS", opts=FCOS) for c in dsla_cases]
@@ -187,11 +209,12 @@ def _ratio(a, b):
 
 
 def render(table, machine, command):
-    lines = [f"`{command}`", "", f"Machine: {machine}. Medians of wall seconds (the process's CPU "
-             "seconds in brackets, steadier on a loaded machine); timed under torch.profiler.", "",
+    lines = [f"`{command}`", "", f"Machine: {machine}. One thread. R-50: 800x1333 unless named, 20 boxes; demo: "
+             "256x256. Medians of wall seconds (the process's CPU seconds in brackets, steadier "
+             "on a loaded machine), timed without the profiler.", "",
              "| model | mode | main (s) | port (s) | port/main | FCOS (s) | port/FCOS | "
              "max abs diff port vs main |", "|---|---|---|---|---|---|---|---|"]
-    for name, mode in [(n, m) for n in ("R-50", "demo") for m in ("infer", "train")]:
+    for name, mode in [(n, m) for n in MODELS for m in ("infer", "train")]:
         b, n = table[("base", 1, name, mode)], table[("new", 1, name, mode)]
         f = table[("new", 1, name + " FCOS", mode)]
         lines.append(f"| {name} | {mode} | {_cell(b)} | {_cell(n)} | {_ratio(n, b)} | "
@@ -199,15 +222,22 @@ def render(table, machine, command):
     for mode in ("infer", "train"):
         cols = [k for k in sorted(table, key=str) if k[3] == mode]
         stages = STAGES[mode] + ["other"]
-        lines += ["", f"Stages of one {mode} step (s; the run nearest the median; 1 and 2 threads; "
+        lines += ["", f"Stages of one {mode} step (s; torch.profiler, one extra run after the "
+                  f"timed ones, of the process nearest the median; 1 and 2 threads; "
                   f"R-50 N boxes: N boxes per image instead of 20; {machine}):", "",
-                  "| side | threads | model | " + " | ".join(stages) + " | total |",
-                  "|---" * (len(stages) + 4) + "|"]
+                  "| side | threads | model | " + " | ".join(stages) + " | total | of which "
+                  "convolution kernels |", "|---" * (len(stages) + 5) + "|"]
         for k in cols:
             s = table[k]["stages"]
-            cells = [f"{s[x]:.3f}" for x in stages] + [f"{sum(s.values()):.3f}"]
+            total = sum(s[x] for x in stages)
+            cells = [f"{s[x]:.3f}" for x in stages] + [f"{total:.3f}",
+                                                        f"{s['conv']:.3f} ({s['conv'] / total:.0%})"]
             lines.append(f"| {'main' if k[0] == 'base' else 'port'} | {k[1]} | {k[2]} | "
                          + " | ".join(cells) + " |")
+    lines += ["", "Outputs (last column of the first table): detections (boxes, scores, classes) or "
+              "losses. At 800x1333 and 800x1216 they differ because the baseline pads to a "
+              "multiple of 128 and the port to 32 (docs/METHOD.md, \"Input padding\"); at "
+              "768x1280 both pad alike."]
     return "\n".join(lines) + "\n"
 
 

@@ -90,7 +90,7 @@ def test_swin_fpn_levels(tiny_swin_cfg):
     bottom_up = backbone.bottom_up.output_shape()
     assert {k: (v.channels, v.stride) for k, v in bottom_up.items()} == {
         "p1": (32, 8), "p2": (64, 16), "p3": (128, 32)}
-    assert backbone.size_divisibility == 128
+    assert backbone.size_divisibility == 32  # as the authors pad (docs/METHOD.md, "Input padding")
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, 128, 256))
     assert {k: tuple(v.shape) for k, v in feats.items()} == {

@@ -261,3 +261,27 @@ def test_smooth_label_maps_are_the_training_labels(smooth):
     # An image whose size is not a multiple of the strides: ceil(H / s) x ceil(W / s) points.
     assert [tuple(m.shape) for m in model.smooth_label_maps((100, 60), inst)] == [
         (13, 8), (7, 4), (4, 2), (2, 1), (1, 1)]
+
+
+def test_pads_to_32_as_the_authors_and_grids_follow(storage):
+    """docs/METHOD.md, "Input padding": a 200x300 image is padded to 224x320 (not 256x384), P6
+    and P7 are the ceil of the padded size / stride, and the points match the feature maps in
+    training and inference."""
+    from dsla.points import grid_sizes
+
+    model = _model()
+    batch = make_inputs(ONE_BOX, [[1]], size=128)
+    batch[0]["image"] = torch.rand(3, 200, 300) * 255
+    batch[0].update(height=200, width=300)
+    batch[0]["instances"]._image_size = (200, 300)
+    images = model.preprocess_image(batch)
+    assert tuple(images.tensor.shape[-2:]) == (224, 320)
+    features = model.backbone(images.tensor)
+    sizes = [tuple(features[f].shape[-2:]) for f in model.head_in_features]
+    assert sizes == grid_sizes((224, 320), [8, 16, 32, 64, 128])
+    assert sizes[-2:] == [(4, 5), (2, 3)]
+    losses = model(batch)
+    assert losses["loss_dsla_box"].item() > 0
+    model.eval()
+    with torch.no_grad():
+        assert model(batch)[0]["instances"].image_size == (200, 300)

@@ -121,7 +121,7 @@ def test_metadata_records_what_a_runner_needs(r18):
     assert set(meta) == set(deploy.METADATA_KEYS)
     assert meta["format"] == deploy.FORMAT_NAME
     assert json.loads(meta["class_names"]) == ["0", "1", "2", "3"]
-    assert meta["input_format"] == "BGR" and meta["size_divisibility"] == "128"
+    assert meta["input_format"] == "BGR" and meta["size_divisibility"] == "32"
     assert (meta["min_size_test"], meta["max_size_test"]) == ("256", "256")
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [3, "height", "width"]

@@ -5,7 +5,7 @@ detectron2's RetinaNet backbone builds P6 from C5; FCOS and DSLA (the authors' m
 the P6/P7 conv shapes (256 input channels instead of 2048), so the released weights need these
 builders. The FPN is the same for every backbone; only its three inputs differ.
 
-Shape letters: N = images, C = channels, H x W = input size (padded to a multiple of 128).
+Shape letters: N = images, C = channels, H x W = input size (padded to a multiple of 32).
 """
 import torch
 import torch.nn.functional as F
@@ -306,9 +306,11 @@ def make_p3_p7_fpn(bottom_up, *, in_features, out_channels=256, norm="", fuse_ty
         top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
         fuse_type=fuse_type,
     )
-    # Pad inputs to a multiple of P7's stride so that every level's grid is exactly the padded
-    # size / stride (docs/MODEL_ZOO.md); detectron2's FPN pads to its last *input* stride (32).
-    fpn._size_divisibility = fpn._out_feature_strides[fpn._out_features[-1]]
+    # Inputs are padded to a multiple of 32, P5's stride, as the authors' code pads them
+    # (mmdetection's Pad, size_divisor=32): every level down to P5 is exactly the padded size /
+    # stride, so the top-down 2x upsampling lands on the lateral's size, and P6/P7 are
+    # ceil(size / stride), the points of dsla.points.grid_sizes. Padding further would add
+    # convolution work on rows and columns of zeros (docs/METHOD.md, "Input padding").
     return fpn
 
 
@@ -318,7 +320,7 @@ def build_dsla_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     ResNet (``MODEL.RESNETS``, see :func:`build_dsla_resnet`) + FPN (``MODEL.FPN``), P3-P7.
 
     Returns:
-        FPN: ``p3``..``p7`` (strides 8..128), ``size_divisibility`` 128.
+        FPN: ``p3``..``p7`` (strides 8..128), ``size_divisibility`` 32.
     """
     return _p3_p7_fpn(cfg, build_dsla_resnet(cfg, input_shape))
 
@@ -340,7 +342,7 @@ def build_dsla_swin_fpn_backbone(cfg, input_shape: ShapeSpec):
     stage outputs of ``MODEL.FPN.IN_FEATURES`` (Swin-S: ``p1``..``p3``).
 
     Returns:
-        FPN: ``p3``..``p7`` (strides 8..128), ``size_divisibility`` 128.
+        FPN: ``p3``..``p7`` (strides 8..128), ``size_divisibility`` 32.
     """
     s, in_features = cfg.MODEL.SWIN, cfg.MODEL.FPN.IN_FEATURES
     _swin_out_indices(in_features, "MODEL.FPN.IN_FEATURES")
