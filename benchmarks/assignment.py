@@ -2,11 +2,10 @@
 loop-and-sort reference that the tests check it against (``tests/reference_assignment.py``),
 time and peak memory.
 
-The points of P3-P7 (strides 8-128) of an 800×1333 image padded to a multiple of 128, 896×1408
-(26,257 points; the model pads to 32, 800×1344, 22,400 points: this fixed, larger set keeps the
-stored results comparable) with the COCO regress ranges; G random boxes (sides
-log-uniform in 4-404 px, clipped to the image); relaxation 0.2 and core zone. Both functions must
-return identical labels, scores and boxes (``torch.equal``), else the script fails.
+The points of P3-P7 of an 800×1333 image padded to 896×1408 (26,257; the model pads it to
+800×1344, 22,400: the larger set keeps stored results comparable), the COCO regress ranges, G
+random boxes (sides log-uniform in 4-404 px, clipped to the image), relaxation 0.2, core zone.
+Both functions must return identical labels, scores and boxes (``torch.equal``), else it fails.
 
 Time: one warm-up call each, then the median of ``--repeats`` calls, the two alternating.
 Peak memory: the most tensor memory a call holds above what was allocated before it (inputs

@@ -40,7 +40,8 @@ R50 = os.path.join(REPO, "configs", "COCO-Detection", "dsla_R_50_FPN_1x_mmdet.ya
 
 def export(model, cfg, path):
     image = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
-    deploy.export_onnx(model, image, path, deploy.metadata_props(cfg, None, 128))
+    divisibility = model.backbone.size_divisibility
+    deploy.export_onnx(model, image, path, deploy.metadata_props(cfg, None, divisibility))
     return session(path)
 
 

@@ -1,12 +1,9 @@
-"""How long one inference and one training step (forward + losses + backward) take, and where the
-time goes by stage (torch.profiler ranges), for DSLA and detectron2's FCOS with the same widths,
-and DSLA against another checkout (``--baseline``), each side in its own subprocess, alternating.
-Times are medians of plain runs; the stages come from one more run under the profiler. Random
-weights (the head's so that inference keeps detections), images and boxes; CPU. Writes
-results/stages.{json,md}.
+"""Time of one inference and one training step (forward + losses + backward) of DSLA, detectron2's
+FCOS with the same widths and DSLA of another checkout (``--baseline``), each side in its own
+process, alternating: medians of plain runs, then one run under torch.profiler split into stages.
+Random weights (the head's so that inference keeps detections), images and boxes; CPU.
 
-    git worktree add /tmp/dsla-base e0c65af
-    python benchmarks/stages.py --baseline /tmp/dsla-base
+    git worktree add /tmp/dsla-base e0c65af && python benchmarks/stages.py --baseline /tmp/dsla-base
 """
 import argparse
 import json
@@ -16,12 +13,12 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, RESULTS_DIR, cpu_model, log, write_results
+
 R50 = "configs/COCO-Detection/dsla_R_50_FPN_1x_mmdet.yaml"
 DEMO = "configs/Shapes/dsla_R_18_FPN_demo.yaml"
 FCOS = ["MODEL.META_ARCHITECTURE", "FCOSDetectron2"]
-# R-50: 800x1333; 768x1280 is padded alike by both sides (a multiple of 128); demo: 256x256.
-MODELS = ("R-50", "R-50 800x1216", "R-50 768x1280", "demo")
+MODELS = ("R-50", "R-50 800x1216", "R-50 768x1280", "demo")  # 768x1280: main pads it alike
 CONV_KERNELS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
                 "aten::convolution_backward", "aten::_slow_conv2d_backward")
 STAGES = {"infer": ["preprocess", "backbone", "FPN", "head", "selection", "NMS", "postprocess"],
@@ -85,53 +82,44 @@ def _stages(prof, mode, wall):
         s["NMS"] = t.get("torchvision::nms", 0.0)
         s["selection"] = t.get("selection+", 0.0) - s["NMS"]
     s["other"] = wall - sum(s.values())
-    # The convolution kernels' own time, spread over backbone, FPN, head and backward.
     conv = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_KERNELS)
     return {**{k: round(v, 4) for k, v in s.items()}, "conv": round(conv / 1e6, 4)}
-
-
-def _step(model, inputs, train):
-    """One inference, or one training step (forward, losses, backward); its outputs."""
-    from torch.profiler import record_function
-
-    model.zero_grad(set_to_none=True)
-    out = model(inputs)
-    if train:
-        with record_function("backward"):
-            sum(out.values()).backward()
-    return out
 
 
 def _run_case(case, models):
     """Times ``case["iters"]`` plain iterations (after ``warmup``), then profiles one more for the
     stages: the profiler's own cost stays out of the timings."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
     from detectron2.utils.events import EventStorage
 
     key = (case["config"], tuple(case["opts"]))
     model = models[key] = models.get(key) or _build(case["config"], case["opts"])
     inputs = _inputs(case["size"], case["boxes"], case["classes"], seed=1)
-    train = case["mode"] == "train"
+    train, walls = case["mode"] == "train", []
     model.train(train)
-    walls, cpus = [], []
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(inputs)
+        if train:
+            with record_function("backward"):
+                sum(out.values()).backward()
+        return out
+
     with EventStorage(0), torch.set_grad_enabled(train):
         for i in range(case["warmup"] + case["iters"]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = _step(model, inputs, train)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            if i >= case["warmup"]:
-                walls.append(wall)
-                cpus.append(cpu)
+            t0 = time.perf_counter()
+            out = step()
+            walls += [time.perf_counter() - t0] if i >= case["warmup"] else []
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            _step(model, inputs, train)
+            step()
             profiled = time.perf_counter() - t0
     inst = None if train else out[0]["instances"]
     result = {k: float(v) for k, v in out.items()} if train else torch.cat(
         [inst.pred_boxes.tensor, inst.scores[:, None], inst.pred_classes[:, None]], 1).tolist()
-    return {"walls": walls, "cpus": cpus, "stages": _stages(prof, case["mode"], profiled),
-            "output": result}
+    return {"walls": walls, "stages": _stages(prof, case["mode"], profiled), "output": result}
 
 
 def worker(job):
@@ -165,13 +153,11 @@ def plan(rounds):
                   _case("demo", "infer", DEMO, size=(256, 256), classes=3, iters=10, warmup=3),
                   _case("demo", "train", DEMO, size=(256, 256), classes=3, iters=5, warmup=3)]
     fcos_cases = [dict(c, name=c["name"] + " FCOS", opts=FCOS) for c in dsla_cases]
-    two_threads = dsla_cases[:2] + fcos_cases[:2]
-    runs = []
-    for r in range(rounds):
-        pair = [("base", 1, dsla_cases), ("new", 1, dsla_cases + fcos_cases)]
-        runs += pair[::-1] if r % 2 else pair
+    pair = [("base", 1, dsla_cases), ("new", 1, dsla_cases + fcos_cases)]
+    runs = [run for r in range(rounds) for run in (pair[::-1] if r % 2 else pair)]
     scale = [_case(f"R-50 {n} boxes", "train", R50, boxes=n) for n in (100, 500)]
-    return runs + [("new", 1, scale), ("new", 2, [dict(c, iters=1) for c in two_threads])]
+    two_threads = [dict(c, iters=1) for c in dsla_cases[:2] + fcos_cases[:2]]
+    return runs + [("new", 1, scale), ("new", 2, two_threads)]
 
 
 def summarize(runs):
@@ -182,11 +168,10 @@ def summarize(runs):
             groups.setdefault((side, threads, r["name"], r["mode"]), []).append(r)
     table = {}
     for key, rs in groups.items():
-        walls, cpus = ([w for r in rs for w in r[k]] for k in ("walls", "cpus"))
+        walls = [w for r in rs for w in r["walls"]]
         med = min(rs, key=lambda r: abs(r["walls"][-1] - statistics.median(walls)))
-        table[key] = {"median_s": statistics.median(walls), "walls": walls, "cpus": cpus,
-                      "cpu_median_s": statistics.median(cpus), "stages": med["stages"],
-                      "output": rs[0]["output"]}
+        table[key] = {"median_s": statistics.median(walls), "walls": walls,
+                      "stages": med["stages"], "output": rs[0]["output"]}
     for (side, *rest), v in table.items():  # detections / losses of the port vs main
         base = table.get(("base", *rest))
         v["max_abs_diff_vs_main"] = max_diff(v["output"], base["output"]) if base else None
@@ -200,25 +185,17 @@ def max_diff(a, b):
     return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
 
 
-def _cell(r):
-    return f"{r['median_s']:.3f} ({r['cpu_median_s']:.3f})"
-
-
-def _ratio(a, b):
-    return f"**{a['median_s'] / b['median_s']:.2f}** ({a['cpu_median_s'] / b['cpu_median_s']:.2f})"
-
-
 def render(table, machine, command):
-    lines = [f"`{command}`", "", f"Machine: {machine}. One thread. R-50: 800x1333 unless named, 20 boxes; demo: "
-             "256x256. Medians of wall seconds (the process's CPU seconds in brackets, steadier "
-             "on a loaded machine), timed without the profiler.", "",
-             "| model | mode | main (s) | port (s) | port/main | FCOS (s) | port/FCOS | "
-             "max abs diff port vs main |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"`{command}`", "", f"Machine: {machine}. One thread; R-50 800x1333 unless named, 20 "
+             "boxes; demo 256x256. Medians of wall seconds without the profiler. Last column: "
+             "detections or losses, port against main.", "", "| model | mode | main (s) | port (s) "
+             "| port/main | FCOS (s) | port/FCOS | max abs diff |", "|---" * 8 + "|"]
     for name, mode in [(n, m) for n in MODELS for m in ("infer", "train")]:
         b, n = table[("base", 1, name, mode)], table[("new", 1, name, mode)]
         f = table[("new", 1, name + " FCOS", mode)]
-        lines.append(f"| {name} | {mode} | {_cell(b)} | {_cell(n)} | {_ratio(n, b)} | "
-                     f"{_cell(f)} | {_ratio(n, f)} | {n['max_abs_diff_vs_main']:.2e} |")
+        t, m, ft = n["median_s"], b["median_s"], f["median_s"]
+        lines.append(f"| {name} | {mode} | {m:.3f} | {t:.3f} | **{t / m:.2f}** | {ft:.3f} | "
+                     f"**{t / ft:.2f}** | {n['max_abs_diff_vs_main']:.2e} |")
     for mode in ("infer", "train"):
         cols = [k for k in sorted(table, key=str) if k[3] == mode]
         stages = STAGES[mode] + ["other"]
@@ -230,21 +207,17 @@ def render(table, machine, command):
         for k in cols:
             s = table[k]["stages"]
             total = sum(s[x] for x in stages)
-            cells = [f"{s[x]:.3f}" for x in stages] + [f"{total:.3f}",
-                                                        f"{s['conv']:.3f} ({s['conv'] / total:.0%})"]
+            conv = f"{s['conv']:.3f} ({s['conv'] / total:.0%})"
+            cells = [f"{s[x]:.3f}" for x in stages] + [f"{total:.3f}", conv]
             lines.append(f"| {'main' if k[0] == 'base' else 'port'} | {k[1]} | {k[2]} | "
                          + " | ".join(cells) + " |")
-    lines += ["", "Outputs (last column of the first table): detections (boxes, scores, classes) or "
-              "losses. At 800x1333 and 800x1216 they differ because the baseline pads to a "
-              "multiple of 128 and the port to 32 (docs/METHOD.md, \"Input padding\"); at "
-              "768x1280 both pad alike."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="another checkout of this repository (e.g. main)")
-    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (each: both sides)")
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (each: both sides)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -255,24 +228,20 @@ def main(argv=None):
     import torch
     runs, load = [], [os.getloadavg()[0]]
     for side, threads, cases in plan(args.rounds):
-        print(f"[{time.strftime('%H:%M:%S')}] {side}, {threads} thread(s): "
-              + ", ".join(sorted({c['name'] for c in cases})), flush=True)
+        log(f"{side}, {threads} thread(s): " + ", ".join(sorted({c['name'] for c in cases})))
         tree = args.baseline if side == "base" else REPO
         runs.append((side, threads, _spawn(tree, threads, cases)))
         load.append(os.getloadavg()[0])
     table = summarize(runs)
-    cpu = next(ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln)
-    machine = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average "
-               f"(1 min) {min(load):.1f}-{max(load):.1f}")
+    machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load "
+               f"average (1 min) {min(load):.1f}-{max(load):.1f}")
     command = f"python benchmarks/stages.py --baseline BASELINE --rounds {args.rounds}"
+    results = {" | ".join(map(str, k)): {n: x for n, x in v.items() if n != "output"}
+               for k, v in table.items()}
     md = render(table, machine, command)
+    write_results("stages", {"command": command, "machine": machine, "results": results}, md,
+                  RESULTS_DIR)
     print(md)
-    with open(os.path.join(REPO, "benchmarks", "results", "stages.json"), "w") as f:
-        results = {" | ".join(map(str, k)): {n: x for n, x in v.items() if n != "output"}
-                   for k, v in table.items()}
-        json.dump({"command": command, "machine": machine, "results": results}, f, indent=1)
-    with open(os.path.join(REPO, "benchmarks", "results", "stages.md"), "w") as f:
-        f.write(md)
     return 0
 
 
