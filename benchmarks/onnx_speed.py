@@ -1,8 +1,8 @@
 """onnxruntime vs eager PyTorch on the CPU, for ``dsla-export --format onnx`` (docs/DEPLOY.md).
 
 1. Parity on a trained model (``--weights``, the demo's): the 150 ``shapes_easy_val`` images at
-   the test size and two other sizes; per image same count and classes, boxes within 0.01 px,
-   scores within 1e-4; and COCO box AP of each engine's detections.
+   the test size and two other sizes; per image the same count, matched one to one with the same
+   class, box within 0.01 px, score within 1e-4; and COCO box AP of each engine's detections.
 2. Parity on the R-50 authors' layout (random weights, classifier spread) at 800x1216.
 3. Latency (demo at 256 px, R-50 at 800x1333; 1, 2 threads), engines alternating: ORT / eager.
 

@@ -3,7 +3,7 @@ FCOS with the same widths and DSLA of another checkout (``--baseline``), each si
 process, alternating: medians of plain runs, then one run under torch.profiler split into stages.
 Random weights (the head's so that inference keeps detections), images and boxes; CPU.
 
-    git worktree add /tmp/dsla-base e0c65af && python benchmarks/stages.py --baseline /tmp/dsla-base
+    git worktree add ../baseline e0c65af && python benchmarks/stages.py --baseline ../baseline
 """
 import argparse
 import json

@@ -35,7 +35,8 @@ def test_config_builds(path):
     # P6/P7 come from the 256-channel (or OUT_CHANNELS) P5 output, not from C5 (docs/METHOD.md,
     # "Network").
     assert model.backbone.top_block.p6.in_channels == cfg.MODEL.FPN.OUT_CHANNELS
-    assert model.backbone.size_divisibility == 32  # as the authors pad (docs/METHOD.md, "Input padding")
+    # Padded to 32 as the authors' code pads (docs/METHOD.md, "Input padding").
+    assert model.backbone.size_divisibility == 32
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "dcn" in p or "R_101_FPN_ms_2x" in p])

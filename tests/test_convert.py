@@ -7,6 +7,7 @@ rules) and check the converted models against ``mmdet_reference``'s forward pass
 written directly on the mmdetection weights and shares no code with ``dsla``.
 """
 import copy
+import math
 import os
 from typing import NamedTuple
 
@@ -59,8 +60,9 @@ R50 = os.path.join(CONFIG_DIR, "dsla_R_50_FPN_1x_mmdet.yaml")
 R101 = os.path.join(CONFIG_DIR, "dsla_R_101_FPN_dcn_ms_2x_mmdet.yaml")
 SWIN = os.path.join(CONFIG_DIR, "dsla_Swin_S_FPN_ms_3x_mmdet.yaml")
 X101 = os.path.join(CONFIG_DIR, "dsla_X_101_64x4d_FPN_dcn_ms_2x.yaml")
-# Non-square, both sides multiples of 128 (the backbones' padding): every level has a
-# non-square grid, and Swin's 64 x 96 first-stage tokens need window padding.
+# Non-square: every level has a non-square grid, and Swin's 64 x 96 first-stage tokens need window
+# padding. Multiples of 128, so that P6 and P7 halve exactly; 224 x 320 (a multiple of 32 only,
+# as the models pad) checks the rounded-up P6 / P7 below.
 IMAGE_SIZE = (256, 384)
 
 
@@ -122,9 +124,9 @@ def swin():
     return _convert_and_load(SWIN, random_state_dict(swin_s_layout(), seed=2))
 
 
-def _image(seed):
+def _image(seed, size=IMAGE_SIZE):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 3, *IMAGE_SIZE, generator=g, dtype=torch.float64)
+    return torch.randn(1, 3, *size, generator=g, dtype=torch.float64)
 
 
 def _check_head_outputs(model, ref_logits, ref_dists, x):
@@ -133,7 +135,7 @@ def _check_head_outputs(model, ref_logits, ref_dists, x):
         feats = model.backbone(x)
         logits, dists = model.head([feats[f] for f in model.head_in_features])
     assert [tuple(t.shape[-2:]) for t in logits] == [
-        (IMAGE_SIZE[0] // s, IMAGE_SIZE[1] // s) for s in STRIDES]
+        (math.ceil(x.shape[-2] / s), math.ceil(x.shape[-1] / s)) for s in STRIDES]
     for out, ref in zip(logits + dists, ref_logits + ref_dists):
         assert out.shape == ref.shape
         assert torch.isfinite(ref).all() and ref.abs().max() > 1e-2  # not a degenerate test
@@ -153,6 +155,16 @@ def test_r50_head_outputs_match_mmdet_forward(r50):
     sd, x = _as_double(r50.mmdet_state), _image(1)
     with torch.no_grad():
         ref = ref_head(ref_fpn(ref_resnet(x, sd, depth=50, style="caffe"), sd), sd)
+    _check_head_outputs(r50.model, *ref, x)
+
+
+def test_r50_head_outputs_match_mmdet_forward_at_a_multiple_of_32(r50):
+    """224 x 320, as padding to 32 leaves such an image (docs/METHOD.md, "Input padding"): P5 is
+    7 x 10, and P6 / P7 come out 4 x 5 and 2 x 3 in both frameworks."""
+    sd, x = _as_double(r50.mmdet_state), _image(4, size=(224, 320))
+    with torch.no_grad():
+        ref = ref_head(ref_fpn(ref_resnet(x, sd, depth=50, style="caffe"), sd), sd)
+    assert [tuple(t.shape[-2:]) for t in ref[0]][-2:] == [(4, 5), (2, 3)]
     _check_head_outputs(r50.model, *ref, x)
 
 

@@ -51,13 +51,24 @@ def export_to(model, cfg, path, size=(128, 160)):
 
 
 def same_detections(eager, exported) -> bool:
-    """Same count and classes, boxes within BOX_TOL px, scores within SCORE_TOL (Instances)."""
-    if len(eager) != len(exported) or not torch.equal(eager.pred_classes, exported.pred_classes):
+    """
+    Same count, and each eager detection has an exported one of its own with the same class, its
+    box within BOX_TOL px and its score within SCORE_TOL (Instances). Matched one to one rather
+    than rank by rank: two detections of equal score may come out of the two sorts either way.
+    """
+    if len(eager) != len(exported):
         return False
-    if len(eager) == 0:
-        return True
-    box_diff = (eager.pred_boxes.tensor - exported.pred_boxes.tensor).abs().max()
-    return bool(box_diff <= BOX_TOL and (eager.scores - exported.scores).abs().max() <= SCORE_TOL)
+    boxes = (eager.pred_boxes.tensor[:, None] - exported.pred_boxes.tensor[None]).abs().amax(-1)
+    scores = (eager.scores[:, None] - exported.scores[None]).abs()
+    classes = eager.pred_classes[:, None] == exported.pred_classes[None]
+    close = (boxes <= BOX_TOL) & (scores <= SCORE_TOL) & classes  # [eager, exported]
+    free = torch.ones(len(exported), dtype=torch.bool)
+    for row in close:  # greedy in score order: a tie is two rows matching the same two columns
+        match = (row & free).nonzero()
+        if len(match) == 0:
+            return False
+        free[match[0, 0]] = False
+    return True
 
 
 def onnx_instances(session, image):

@@ -310,7 +310,8 @@ def make_p3_p7_fpn(bottom_up, *, in_features, out_channels=256, norm="", fuse_ty
     # (mmdetection's Pad, size_divisor=32): every level down to P5 is exactly the padded size /
     # stride, so the top-down 2x upsampling lands on the lateral's size, and P6/P7 are
     # ceil(size / stride), the points of dsla.points.grid_sizes. Padding further would add
-    # convolution work on rows and columns of zeros (docs/METHOD.md, "Input padding").
+    # convolution work on padded rows and columns and move the border features away from the
+    # authors' (docs/METHOD.md, "Input padding").
     return fpn
 
 
