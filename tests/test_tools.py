@@ -218,6 +218,30 @@ def test_analyze_consistency_writes_json_and_png(dataset, opts, tmp_path):
     _assert_png(out / "score_vs_iou.png")
 
 
+def _detections(boxes, scores, classes):
+    from detectron2.structures import Boxes, Instances
+
+    return Instances((100, 100), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float)),
+                     scores=torch.tensor(scores), pred_classes=torch.tensor(classes))
+
+
+def test_export_check_pairs_detections_of_equal_score_with_their_own():
+    """The exported model may sort two detections of equal score the other way round; the check
+    compares each with its counterpart, and still fails a wrong class or box."""
+    eager = _detections([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]], [0.9, 0.8, 0.8], [1, 2, 3])
+    swapped = _detections([[0, 0, 10, 10], [1, 1, 3, 3], [5, 5, 20, 20]], [0.9, 0.8, 0.8], [1, 3, 2])
+    report = export_model.compare_instances(eager, swapped)
+    assert report["classes_equal"] and report["max_abs_diff_boxes"] == 0.0
+    export_model.check_report(report)
+    wrong_class = _detections([[0, 0, 10, 10], [1, 1, 3, 3], [5, 5, 20, 20]], [0.9, 0.8, 0.8],
+                              [1, 3, 1])
+    with pytest.raises(RuntimeError, match="classes equal: False"):
+        export_model.check_report(export_model.compare_instances(eager, wrong_class))
+    moved = _detections([[0, 0, 10, 10], [5, 5, 20, 20.5], [1, 1, 3, 3]], [0.9, 0.8, 0.8], [1, 2, 3])
+    with pytest.raises(RuntimeError, match="max abs diff 0.5"):
+        export_model.check_report(export_model.compare_instances(eager, moved))
+
+
 def test_export_matches_eager(dataset, opts, weights, tmp_path):
     out = tmp_path / "export"
     image = os.path.join(dataset[1], "000003.jpg")

@@ -152,12 +152,38 @@ def compare_instances(eager: Instances, exported: Instances) -> Dict:
               "max_abs_diff_boxes": None, "max_abs_diff_scores": None,
               "classes_equal": False}
     if same_count:
+        exported = exported[counterparts(eager, exported)]
         report["max_abs_diff_boxes"] = _max_abs_diff(eager.pred_boxes.tensor,
                                                      exported.pred_boxes.tensor)
         report["max_abs_diff_scores"] = _max_abs_diff(eager.scores, exported.scores)
         report["classes_equal"] = bool(torch.equal(eager.pred_classes.cpu(),
                                                    exported.pred_classes.cpu()))
     return report
+
+
+def counterparts(eager: Instances, exported: Instances) -> torch.Tensor:
+    """
+    Which exported detection each eager one is compared with: in eager's order, the unused one of
+    the same class whose box is nearest (largest corner difference). Rank by rank would fail an
+    export whose two detections of equal score leave its sort in the other order.
+
+    Args:
+        eager, exported: D detections each (``pred_boxes``, ``pred_classes``).
+
+    Returns:
+        ``[D]`` long, a permutation of the exported detections (an eager detection without an
+        unused one of its class takes the first unused one, and the class check fails).
+    """
+    cost = (eager.pred_boxes.tensor[:, None] - exported.pred_boxes.tensor[None]).abs().amax(-1)
+    cost[eager.pred_classes[:, None].cpu() != exported.pred_classes[None].cpu()] = float("inf")
+    free = torch.ones(len(exported), dtype=torch.bool)
+    order = []
+    for row in cost.cpu():
+        row = row.masked_fill(~free, float("inf"))
+        j = int(row.argmin()) if torch.isfinite(row).any() else int(free.nonzero()[0, 0])
+        free[j] = False
+        order.append(j)
+    return torch.tensor(order, dtype=torch.long)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
