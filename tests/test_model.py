@@ -270,10 +270,10 @@ def test_pads_to_32_as_the_authors_and_grids_follow(storage):
     from dsla.points import grid_sizes
 
     model = _model()
-    batch = make_inputs(ONE_BOX, [[1]], size=128)
-    batch[0]["image"] = torch.rand(3, 200, 300) * 255
-    batch[0].update(height=200, width=300)
-    batch[0]["instances"]._image_size = (200, 300)
+    inst = Instances((200, 300), gt_boxes=Boxes(torch.tensor(ONE_BOX[0])),
+                     gt_classes=torch.tensor([1]))
+    batch = [{"image": torch.rand(3, 200, 300) * 255, "height": 200, "width": 300,
+              "instances": inst}]
     images = model.preprocess_image(batch)
     assert tuple(images.tensor.shape[-2:]) == (224, 320)
     features = model.backbone(images.tensor)
